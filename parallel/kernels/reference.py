@@ -1,0 +1,75 @@
+"""Float64 NumPy attention: the oracle every kernel and the ring are tested against.
+
+Shapes follow the block-attention contract (DESIGN.md):
+  q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] with Hq % Hkv == 0 (query head h reads
+  kv head h // (Hq // Hkv)); positions and segment ids [B, L] int.
+A query sees a key when their segment ids are equal and, if causal,
+kv_pos <= q_pos. Rows that see no key have out = 0 and lse = -inf.
+
+The backward is written out by hand (no autodiff), so it is an independent
+check of every implementation's gradients.
+"""
+
+import numpy as np
+
+
+def _visible(q_pos, kv_pos, q_seg, kv_seg, causal):
+  """[B, 1, Lq, Lk] boolean mask."""
+  mask = q_seg[:, :, None] == kv_seg[:, None, :]
+  if causal:
+    mask &= kv_pos[:, None, :] <= q_pos[:, :, None]
+  return mask[:, None]
+
+
+def _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale):
+  """Masked logits [B, Hq, Lq, Lk] (-inf where masked) and the mask."""
+  q = np.asarray(q, np.float64)
+  k = np.asarray(k, np.float64)
+  group = q.shape[2] // k.shape[2]
+  k = np.repeat(k, group, axis=2)  # [B, Lk, Hkv, D] -> [B, Lk, Hq, D]
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  mask = _visible(np.asarray(q_pos), np.asarray(kv_pos), np.asarray(q_seg),
+                  np.asarray(kv_seg), causal)
+  return np.where(mask, logits, -np.inf), mask
+
+
+def attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal=True, scale=None):
+  """Returns (out [B, Lq, Hq, D] float64, lse [B, Lq, Hq] float64)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  logits, mask = _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale)
+  row_max = np.max(logits, axis=-1, keepdims=True)
+  row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+  weights = np.exp(logits - row_max)  # exactly 0 where masked
+  total = weights.sum(-1, keepdims=True)
+  probs = weights / np.where(total > 0, total, 1.0)
+  with np.errstate(divide="ignore"):
+    lse = np.where(total > 0, np.log(total) + row_max, -np.inf)[..., 0]
+  group = q.shape[2] // k.shape[2]
+  v = np.repeat(np.asarray(v, np.float64), group, axis=2)
+  out = np.einsum("bhqk,bkhd->bqhd", probs, v)
+  return out, lse.transpose(0, 2, 1)
+
+
+def attention_grads(q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout, *, causal=True,
+                    scale=None):
+  """Gradients (dq, dk, dv) of sum(out * dout), in float64, by the textbook formulas."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  batch, kv_len, kv_heads, head_dim = k.shape
+  group = q.shape[2] // kv_heads
+  logits, _ = _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale)
+  out, lse = attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal, scale=scale)
+  lse_bhq = lse.transpose(0, 2, 1)[..., None]
+  probs = np.where(np.isfinite(lse_bhq), np.exp(logits - np.where(np.isfinite(lse_bhq), lse_bhq, 0.0)), 0.0)
+  dout = np.asarray(dout, np.float64)
+  v_rep = np.repeat(np.asarray(v, np.float64), group, axis=2)
+  k_rep = np.repeat(np.asarray(k, np.float64), group, axis=2)
+  dv_rep = np.einsum("bhqk,bqhd->bkhd", probs, dout)
+  dprobs = np.einsum("bqhd,bkhd->bhqk", dout, v_rep)
+  delta = np.einsum("bqhd,bqhd->bhq", dout, out)[..., None]
+  dlogits = probs * (dprobs - delta)
+  dq = np.einsum("bhqk,bkhd->bqhd", dlogits, k_rep) * scale
+  dk_rep = np.einsum("bhqk,bqhd->bkhd", dlogits, np.asarray(q, np.float64)) * scale
+  # Sum the gradients of the q heads that share a kv head.
+  dk = dk_rep.reshape(batch, kv_len, kv_heads, group, head_dim).sum(3)
+  dv = dv_rep.reshape(batch, kv_len, kv_heads, group, head_dim).sum(3)
+  return dq, dk, dv
