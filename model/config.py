@@ -1,0 +1,88 @@
+"""Model configuration: the shape of a Llama-family transformer and its RoPE.
+
+`ModelConfig.from_dict` reads the `model` section of an ml_collections config
+(configs/base.py lists every field with a comment), so configs and code share names.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the field and a fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """How RoPE is stretched for context extension (the context-extension issue fills
+  in every type; `none` is plain RoPE)."""
+  type: str = "none"
+  factor: float = 1.0
+  original_max_len: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  theta: float = 10_000.0
+  scaling: RopeScaling = RopeScaling()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 8192
+  dim: int = 256
+  n_layers: int = 4
+  n_heads: int = 8
+  n_kv_heads: int = 2
+  head_dim: int = 0          # 0: dim // n_heads
+  mlp_dim: int = 768         # SwiGLU hidden size
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  max_seq_len: int = 4096    # longest context the model is meant to serve
+  rope: RopeConfig = RopeConfig()
+  dtype: str = "float32"        # compute dtype of activations and matmuls
+  param_dtype: str = "float32"  # storage dtype of parameters (master weights)
+  remat: str = "none"           # none | full | dots (save matmul outputs)
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.head_dim == 0:
+      if self.dim % self.n_heads:
+        raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads="
+                          f"{self.n_heads}; set model.head_dim explicitly or change one")
+      object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads="
+                        f"{self.n_kv_heads} (grouped-query attention)")
+    if self.remat not in ("none", "full", "dots"):
+      raise ConfigError(f"model.remat={self.remat!r}; use one of none, full, dots")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    rope = dict(d.pop("rope", {}))
+    scaling = RopeScaling(**dict(rope.pop("scaling", {})))
+    return cls(rope=RopeConfig(scaling=scaling, **rope), **d)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def param_count(self, include_embeddings: bool = True) -> int:
+    attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    mlp = 3 * self.dim * self.mlp_dim
+    per_layer = attn + mlp + 2 * self.dim
+    total = self.n_layers * per_layer + self.dim
+    if include_embeddings:
+      total += self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+    return total
+
+  def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs (forward + backward) per token at `seq_len`, for MFU.
+
+    6 per parameter of the matmuls (the output head included, the embedding lookup
+    not) plus attention: 4·L·H·Dh per token forward (QKᵀ and PV), ×3 with backward,
+    halved when causal.
+    """
+    matmul_params = self.param_count(include_embeddings=False) + self.vocab_size * self.dim
+    attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+    return 6 * matmul_params + attention * (0.5 if causal else 1.0)

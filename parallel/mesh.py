@@ -1,0 +1,104 @@
+"""The device mesh (axes data, fsdp, sequence, tensor) and every divisibility rule.
+
+`make_mesh` builds the mesh from the config's axis sizes (one of them may be -1:
+it takes the remaining devices). `validate` checks a model config, mesh, sequence
+length and batch size together before anything is compiled, and raises one
+`ConfigError` naming the field, its value and a value that would work.
+"""
+
+import math
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+from model.config import ConfigError, ModelConfig
+
+AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_axis_sizes(sizes: dict, num_devices: int) -> dict:
+  """Fills the one -1 axis so the product is `num_devices`; checks the product."""
+  sizes = {axis: int(sizes.get(axis, 1)) for axis in AXES}
+  fill = [axis for axis, size in sizes.items() if size == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in fill)}")
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1")
+    if size > 0 and num_devices % size:
+      raise ConfigError(f"mesh.{axis}={size} does not divide the {num_devices} devices; "
+                        f"use one of {_divisors(num_devices)}")
+  fixed = math.prod(size for size in sizes.values() if size > 0)
+  if fill:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh: the fixed axes multiply to {fixed}, which does not divide the "
+                        f"{num_devices} devices, so mesh.{fill[0]}=-1 cannot fill them")
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(
+        f"mesh: data*fsdp*sequence*tensor = {fixed} but there are {num_devices} devices; "
+        "make the product equal the device count, or set one axis to -1 to fill")
+  return sizes
+
+
+def make_mesh(sizes: dict | None = None, devices=None) -> Mesh:
+  """A Mesh with axes (data, fsdp, sequence, tensor) from `{axis: size}` (-1 fills).
+
+  Axes are `Auto` (GSPMD propagation); only `parallel/` code names them.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = resolve_axis_sizes(sizes or {"data": -1}, len(devices))
+  shape = tuple(sizes[axis] for axis in AXES)
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def validate(model: ModelConfig, mesh: Mesh, *, seq_len: int | None = None,
+             batch_size: int | None = None) -> None:
+  """Raises ConfigError if the model, sequence length or batch cannot run on `mesh`."""
+  data, fsdp, sequence, tensor = (mesh.shape[axis] for axis in AXES)
+
+  def multiple(field, value, of, why):
+    if value % of:
+      good = [of * m for m in range(max(1, value // of), value // of + 2)]
+      raise ConfigError(f"{field}={value} must be a multiple of {why}={of}; "
+                        f"e.g. {' or '.join(map(str, good))}")
+
+  if model.n_kv_heads % tensor:
+    raise ConfigError(f"model.n_kv_heads={model.n_kv_heads} is not divisible by mesh.tensor="
+                      f"{tensor}; use mesh.tensor in {_divisors(model.n_kv_heads)}")
+  if model.n_heads % tensor:
+    raise ConfigError(f"model.n_heads={model.n_heads} is not divisible by mesh.tensor={tensor}; "
+                      f"use mesh.tensor in {_divisors(model.n_heads)}")
+  multiple("model.mlp_dim", model.mlp_dim, tensor, "mesh.tensor")
+  multiple("model.vocab_size", model.vocab_size, tensor, "mesh.tensor")
+  multiple("model.dim", model.dim, fsdp, "mesh.fsdp")
+  if seq_len is not None and sequence > 1:
+    multiple("data.seq_len", seq_len, 2 * sequence, "2*mesh.sequence (zigzag layout)")
+  if batch_size is not None:
+    if batch_size < data * fsdp:
+      raise ConfigError(f"global batch {batch_size} < data*fsdp = {data * fsdp}: every data "
+                        f"shard needs a row; set data.batch_size>={data * fsdp} or shrink "
+                        "mesh.data/mesh.fsdp")
+    multiple("data.batch_size", batch_size, data * fsdp, "mesh.data*mesh.fsdp")
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int,
+                           process_id: int, *, heartbeat_timeout_seconds: int = 30,
+                           shutdown_timeout_seconds: int = 30) -> None:
+  """Starts jax.distributed (multi-host); a no-op for one process.
+
+  Must run before any other JAX call. Timeouts are short so that a dead peer ends
+  the run in seconds rather than minutes (the survivors abort; checkpoints are what
+  is kept).
+  """
+  if num_processes <= 1:
+    return
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                             process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+                             shutdown_timeout_seconds=shutdown_timeout_seconds)
+

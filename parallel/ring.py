@@ -1,0 +1,140 @@
+"""Ring attention over the `sequence` mesh axis (DESIGN.md, "The ring, step by step").
+
+Each of the N devices on the ring keeps its queries and passes its key/value block
+(with the keys' positions and segment ids) to the next device N-1 times, attending
+to every block it holds and merging the partial results by log-sum-exp:
+
+  forward   for s in 0..N-1: send the held KV block on (ppermute), attend to it,
+            lse' = logaddexp(lse, lse_s); o = o·exp(lse-lse') + o_s·exp(lse_s-lse')
+  backward  for s in 0..N-1: dq += dq_s; the dK/dV accumulators travel with their KV
+            block and collect dk_s, dv_s at every stop; one last hop takes them home.
+
+The per-block work is `block_attention` / `block_attention_bwd` of a kernel module in
+`parallel/kernels/`. Masks come from positions and segment ids, so any token order is
+exact; the zigzag order (parallel/layout.py) balances causal work across the ring.
+Only the KV heads travel (GQA is never expanded before the ppermute).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from parallel import sharding
+from parallel.kernels import xla
+
+IMPLS = ("auto", "xla")
+
+
+def kernel_module(impl: str):
+  """The kernel module for `impl` ("auto" picks the backend's best)."""
+  if impl == "auto":
+    # The Pallas kernels (TPU Mosaic, GPU) plug in here when they land; until then
+    # every backend runs the XLA path.
+    impl = "xla"
+  if impl == "xla":
+    return xla
+  raise ValueError(f"attention.impl={impl!r} is not available; use one of {IMPLS}")
+
+
+def _merge(out, lse, block_out, block_lse):
+  """Log-sum-exp merge of two partial attentions over disjoint keys (rows with no key stay 0)."""
+  new_lse = jnp.logaddexp(lse, block_lse)
+  safe = jnp.where(new_lse == -jnp.inf, 0.0, new_lse)[..., None]
+  out = out * jnp.exp(lse[..., None] - safe) + block_out * jnp.exp(block_lse[..., None] - safe)
+  return out, new_lse
+
+
+def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, causal, scale,
+                block_q, block_kv):
+  """The per-device ring (runs inside shard_map); differentiable through its custom VJP."""
+  to_next = [(i, (i + 1) % ring_size) for i in range(ring_size)]
+  opts = dict(causal=causal, scale=scale, block_q=block_q, block_kv=block_kv)
+
+  def forward(q, k, v, positions, segment_ids):
+    def attend(kv_block, out, lse):
+      k, v, kv_pos, kv_seg = kv_block
+      block_out, block_lse = kernel.block_attention(q, k, v, positions, kv_pos, segment_ids,
+                                                    kv_seg, **opts)
+      return _merge(out, lse, block_out.astype(jnp.float32), block_lse)
+
+    def step(_, carry):
+      out, lse, kv_block = carry
+      next_block = lax.ppermute(kv_block, axis, to_next)  # issued before the compute
+      out, lse = attend(kv_block, out, lse)
+      return out, lse, next_block
+
+    out = jnp.zeros(q.shape, jnp.float32)
+    lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
+    carry = (out, lse, (k, v, positions, segment_ids))
+    out, lse, kv_block = lax.fori_loop(0, ring_size - 1, step, carry)
+    out, lse = attend(kv_block, out, lse)  # the last block: nothing left to send
+    return out.astype(q.dtype), lse
+
+  @jax.custom_vjp
+  def attention(q, k, v, positions, segment_ids):
+    return forward(q, k, v, positions, segment_ids)[0]
+
+  def attention_fwd(q, k, v, positions, segment_ids):
+    out, lse = forward(q, k, v, positions, segment_ids)
+    return out, (q, k, v, positions, segment_ids, out, lse)
+
+  def attention_bwd(residuals, dout):
+    q, k, v, positions, segment_ids, out, lse = residuals
+
+    def grads(kv_block, dq, dk, dv):
+      k, v, kv_pos, kv_seg = kv_block
+      dq_s, dk_s, dv_s = kernel.block_attention_bwd(q, k, v, positions, kv_pos, segment_ids,
+                                                    kv_seg, out, lse, dout, **opts)
+      return dq + dq_s, dk + dk_s, dv + dv_s
+
+    def step(_, carry):
+      dq, kv_block, dk, dv = carry
+      next_block = lax.ppermute(kv_block, axis, to_next)
+      dq, dk, dv = grads(kv_block, dq, dk, dv)
+      dk, dv = lax.ppermute((dk, dv), axis, to_next)  # accumulators follow their block
+      return dq, next_block, dk, dv
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    carry = (zeros(q), (k, v, positions, segment_ids), zeros(k), zeros(v))
+    dq, kv_block, dk, dv = lax.fori_loop(0, ring_size - 1, step, carry)
+    dq, dk, dv = grads(kv_block, dq, dk, dv)
+    dk, dv = lax.ppermute((dk, dv), axis, to_next)  # the last hop home
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention(q, k, v, positions, segment_ids)
+
+
+def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, axis="sequence",
+                   impl="auto", scale=None, block_q=512, block_kv=512):
+  """Softmax attention of q over k, v with the sequence split over the `axis` ring.
+
+  Args (global arrays):
+    q: [B, L, Hq, D], batch over (data, fsdp), L over `axis`, heads over tensor.
+    k, v: [B, L, Hkv, D] with Hq % Hkv == 0, sharded like q (kv heads over tensor).
+    positions: [B, L] int32 token positions (any order: natural or zigzag).
+    segment_ids: [B, L] int32 document ids of packed rows, or None (one document).
+    causal: a query sees keys with kv_pos <= q_pos (and the same segment id).
+    mesh: the Mesh; `axis` is its ring axis. scale defaults to D**-0.5.
+    impl: kernel implementation ("auto" or "xla"); block_q/block_kv: kernel block sizes.
+  Returns:
+    [B, L, Hq, D] in q.dtype, sharded like q. Rows that see no key are 0.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  if segment_ids is None:
+    segment_ids = jnp.zeros(positions.shape, jnp.int32)
+  batch_axes = sharding.RULES["batch"]
+  q_spec = jax.P(batch_axes, axis, sharding.RULES["heads"], None)
+  kv_spec = jax.P(batch_axes, axis, sharding.RULES["kv_heads"], None)
+  token_spec = jax.P(batch_axes, axis)
+  local = functools.partial(
+      _local_ring, kernel=kernel_module(impl), axis=axis, ring_size=mesh.shape[axis],
+      causal=causal, scale=scale, block_q=block_q, block_kv=block_kv)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, token_spec,
+                                                   token_spec), out_specs=q_spec,
+                       # The kernels' lax.cond branches and Pallas calls carry no
+                       # varying-axis types; every output is varying over all axes anyway.
+                       check_vma=False)(
+      q, k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))

@@ -1,0 +1,55 @@
+"""Logical axis names -> mesh axes: the one table that decides how arrays are split.
+
+Parameters carry their logical axes as `logical_axes` metadata on their nnx.Param
+(e.g. the query projection is ("embed", "heads", "head_dim")); activations name
+theirs where the model constrains them. Nothing outside `parallel/` names a mesh axis.
+"""
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
+RULES = {
+    "batch": ("data", "fsdp"),  # activations: rows of the global batch
+    "sequence": "sequence",     # activations: tokens, split over the ring
+    "heads": "tensor",          # query heads (parameters and activations)
+    "kv_heads": "tensor",       # key/value heads
+    "mlp": "tensor",            # SwiGLU hidden units
+    "vocab": "tensor",          # embedding rows and logits columns
+    "embed": "fsdp",            # parameters' model dimension (ZeRO-3 style)
+    "act_embed": None,          # activations' model dimension stays whole
+    "head_dim": None,
+    "norm": None,               # RMSNorm scales: tiny, replicated
+}
+
+
+def spec(logical_axes) -> PartitionSpec:
+  """PartitionSpec for an array whose dimensions have these logical names."""
+  return PartitionSpec(*(RULES[name] if name is not None else None for name in logical_axes))
+
+
+def named_sharding(mesh, logical_axes) -> NamedSharding:
+  return NamedSharding(mesh, spec(logical_axes))
+
+
+def constrain(x, mesh, logical_axes):
+  """`with_sharding_constraint` by logical names; a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes))
+
+
+def _is_variable(x):
+  return isinstance(x, nnx.Variable)
+
+
+def param_specs(state):
+  """Tree of PartitionSpecs for an nnx.State of Params with `logical_axes` metadata."""
+  return jax.tree.map(lambda var: spec(var.get_metadata()["logical_axes"]), state,
+                      is_leaf=_is_variable)
+
+
+def param_shardings(state, mesh):
+  """Tree of NamedShardings on `mesh` for an nnx.State of Params."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state))
