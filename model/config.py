@@ -28,6 +28,14 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """How attention runs (not part of the model's shape, so not saved with it)."""
+  impl: str = "auto"    # auto | xla (auto: the backend's best kernel)
+  block_q: int = 512    # query rows per kernel block
+  block_kv: int = 512   # keys per kernel block
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 8192
   dim: int = 256

@@ -1,0 +1,169 @@
+"""A Llama-family transformer in Flax NNX, read top to bottom.
+
+  tokens [B, L] ─► embed ─► N × (x + attn(norm(x)); x + mlp(norm(x))) ─► norm ─► logits [B, L, V]
+
+Attention is `parallel.ring.ring_attention` over the mesh's `sequence` axis: with
+sequence = 1 the ring has one device and the same code runs. Masks come from
+`positions` and `segment_ids`, so the tokens may come in any order (train.py feeds
+the zigzag order of parallel/layout.py); logits come back in the order given.
+
+Every parameter names its logical axes (`logical_axes` metadata) and activations are
+constrained by logical names; parallel/sharding.py maps both to the mesh.
+Parameters are stored in `param_dtype` and cast to `dtype` for compute; norms,
+softmax statistics and logits are float32.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import rope
+from model.config import AttentionConfig, ModelConfig
+from parallel import sharding
+from parallel.ring import ring_attention
+
+
+def _param(rngs, shape, logical_axes, config: ModelConfig, std=None):
+  std = config.init_std if std is None else std
+  init = jax.random.normal(rngs.params(), shape, jnp.float32) * std
+  return nnx.Param(init.astype(config.param_dtype), logical_axes=logical_axes)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, config: ModelConfig):
+    self.eps = config.norm_eps
+    self.scale = nnx.Param(jnp.ones((config.dim,), config.param_dtype), logical_axes=("norm",))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+
+  def __init__(self, config: ModelConfig, mesh, attention: AttentionConfig, *, rngs):
+    self.config, self.mesh, self.attention = config, mesh, attention
+    dim, heads, kv_heads, head_dim = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+    self.wq = _param(rngs, (dim, heads, head_dim), ("embed", "heads", "head_dim"), config)
+    self.wk = _param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), config)
+    self.wv = _param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), config)
+    self.wo = _param(rngs, (heads, head_dim, dim), ("heads", "head_dim", "embed"), config)
+
+  def __call__(self, x, cos, sin, positions, segment_ids):
+    dtype = self.config.dtype
+    # [B, L, dim] x [dim, H, Dh] -> [B, L, H, Dh]
+    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
+    k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
+    v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
+    q = sharding.constrain(rope.apply_rotary(q, cos, sin), self.mesh,
+                           ("batch", "sequence", "heads", "head_dim"))
+    k = sharding.constrain(rope.apply_rotary(k, cos, sin), self.mesh,
+                           ("batch", "sequence", "kv_heads", "head_dim"))
+    v = sharding.constrain(v, self.mesh, ("batch", "sequence", "kv_heads", "head_dim"))
+    out = ring_attention(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
+                         mesh=self.mesh, impl=self.attention.impl,
+                         block_q=self.attention.block_q, block_kv=self.attention.block_kv)
+    # [B, L, H, Dh] x [H, Dh, dim] -> [B, L, dim]
+    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, mesh, *, rngs):
+    self.config, self.mesh = config, mesh
+    self.w_gate = _param(rngs, (config.dim, config.mlp_dim), ("embed", "mlp"), config)
+    self.w_up = _param(rngs, (config.dim, config.mlp_dim), ("embed", "mlp"), config)
+    self.w_down = _param(rngs, (config.mlp_dim, config.dim), ("mlp", "embed"), config)
+
+  def __call__(self, x):
+    dtype = self.config.dtype
+    gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(dtype))
+    up = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(dtype))
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", "sequence", "mlp"))
+    return jnp.einsum("blf,fd->bld", hidden, self.w_down[...].astype(dtype))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, config: ModelConfig, mesh, attention: AttentionConfig, *, rngs):
+    self.mesh = mesh
+    self.attn_norm = RMSNorm(config)
+    self.attn = Attention(config, mesh, attention, rngs=rngs)
+    self.mlp_norm = RMSNorm(config)
+    self.mlp = MLP(config, mesh, rngs=rngs)
+
+  def __call__(self, x, cos, sin, positions, segment_ids):
+    x = x + self.attn(self.attn_norm(x), cos, sin, positions, segment_ids)
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, self.mesh, ("batch", "sequence", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, mesh, attention: AttentionConfig = AttentionConfig(),
+               *, rngs: nnx.Rngs):
+    self.config, self.mesh = config, mesh
+    self.embed = _param(rngs, (config.vocab_size, config.dim), ("vocab", "embed"), config, std=1.0)
+    self.blocks = nnx.List([Block(config, mesh, attention, rngs=rngs)
+                            for _ in range(config.n_layers)])
+    self.final_norm = RMSNorm(config)
+    if not config.tie_embeddings:
+      self.lm_head = _param(rngs, (config.dim, config.vocab_size), ("embed", "vocab"), config)
+
+  def __call__(self, tokens, positions, segment_ids=None):
+    """Logits for every token.
+
+    Args:
+      tokens: [B, L] int32 token ids; batch over (data, fsdp), L over sequence.
+      positions: [B, L] int32 position of each token in its document (RoPE and
+        the causal mask use these, so any token order is valid).
+      segment_ids: [B, L] int32 document id of each token in a packed row (tokens
+        attend only within their document), or None for one document per row.
+    Returns:
+      logits [B, L, vocab] float32, sharded (batch, sequence, vocab).
+    """
+    config = self.config
+    cos, sin = rope.rotary_tables(config.rope, config.head_dim, positions)
+    # FSDP gathers the table's model dimension before the lookup, as for any weight.
+    table = sharding.constrain(self.embed[...], self.mesh, ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(config.dtype)  # [B, L, dim]
+    x = sharding.constrain(x, self.mesh, ("batch", "sequence", "act_embed"))
+
+    def run_block(block, x):
+      return block(x, cos, sin, positions, segment_ids)
+
+    if config.remat != "none":
+      run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[config.remat])
+    for block in self.blocks:
+      x = run_block(block, x)
+
+    x = self.final_norm(x)
+    head = self.embed[...].T if config.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(config.dtype),
+                        preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, self.mesh, ("batch", "sequence", "vocab"))
+
+
+def create(config: ModelConfig, mesh, seed: int = 0,
+           attention: AttentionConfig = AttentionConfig()) -> Transformer:
+  """A Transformer whose parameters are created already sharded on `mesh`.
+
+  Initialisation runs inside jit with `out_shardings`, so no host ever holds a full
+  copy of the parameters. The values depend on `seed` only, not on the mesh.
+  """
+  make = lambda: Transformer(config, mesh, attention, rngs=nnx.Rngs(seed))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+  shardings = sharding.param_shardings(abstract_state, mesh)
+  state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
