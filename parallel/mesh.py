@@ -61,23 +61,21 @@ def validate(model: ModelConfig, mesh: Mesh, *, seq_len: int | None = None,
   """Raises ConfigError if the model, sequence length or batch cannot run on `mesh`."""
   data, fsdp, sequence, tensor = (mesh.shape[axis] for axis in AXES)
 
-  def multiple(field, value, of, why):
+  def multiple(field, value, of, why, note=""):
     if value % of:
       good = [of * m for m in range(max(1, value // of), value // of + 2)]
-      raise ConfigError(f"{field}={value} must be a multiple of {why}={of}; "
+      raise ConfigError(f"{field}={value} must be a multiple of {why}={of}{note}; "
                         f"e.g. {' or '.join(map(str, good))}")
 
   if model.n_kv_heads % tensor:
     raise ConfigError(f"model.n_kv_heads={model.n_kv_heads} is not divisible by mesh.tensor="
                       f"{tensor}; use mesh.tensor in {_divisors(model.n_kv_heads)}")
-  if model.n_heads % tensor:
-    raise ConfigError(f"model.n_heads={model.n_heads} is not divisible by mesh.tensor={tensor}; "
-                      f"use mesh.tensor in {_divisors(model.n_heads)}")
+  # (n_heads is a multiple of n_kv_heads, so the query heads split evenly too.)
   multiple("model.mlp_dim", model.mlp_dim, tensor, "mesh.tensor")
   multiple("model.vocab_size", model.vocab_size, tensor, "mesh.tensor")
   multiple("model.dim", model.dim, fsdp, "mesh.fsdp")
   if seq_len is not None and sequence > 1:
-    multiple("data.seq_len", seq_len, 2 * sequence, "2*mesh.sequence (zigzag layout)")
+    multiple("data.seq_len", seq_len, 2 * sequence, "2*mesh.sequence", " (zigzag layout)")
   if batch_size is not None:
     if batch_size < data * fsdp:
       raise ConfigError(f"global batch {batch_size} < data*fsdp = {data * fsdp}: every data "

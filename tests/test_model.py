@@ -1,0 +1,105 @@
+"""The whole model on multi-device meshes equals the same model on one device."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import transformer
+from model.config import AttentionConfig, ModelConfig
+from parallel import layout
+from parallel.mesh import make_mesh
+
+CONFIG = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128)
+ATTENTION = AttentionConfig(block_q=8, block_kv=8)
+BATCH, LENGTH = 2, 64
+
+
+def _batch():
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, CONFIG.vocab_size, (BATCH, LENGTH)).astype(np.int32)
+  # Packed rows: documents of 24 tokens, positions restarting in each.
+  index = np.arange(LENGTH)[None] + np.array([[0], [7]])
+  return tokens, (index % 24).astype(np.int32), (index // 24).astype(np.int32)
+
+
+def _logits_and_grads(config, mesh, order):
+  """Logits (natural order) and parameter gradients of a fixed loss."""
+  model = transformer.create(config, mesh, seed=0, attention=ATTENTION)
+  tokens, positions, segments = _batch()
+  ring = mesh.shape["sequence"]
+  permute = (lambda x: layout.to_zigzag(x, ring)) if order == "zigzag" else (lambda x: x)
+
+  @nnx.jit
+  def step(model, tokens, positions, segments):
+    def loss(model):
+      logits = model(tokens, positions, segments)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., :3] ** 2), logits
+    return nnx.grad(loss, has_aux=True)(model)
+
+  grads, logits = step(model, *(permute(x) for x in (tokens, positions, segments)))
+  logits = np.asarray(logits)
+  if order == "zigzag":
+    logits = layout.from_zigzag(logits, ring)
+  return logits, jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
+
+
+@pytest.fixture(scope="module")
+def single_device_result(single_device_mesh):
+  return _logits_and_grads(CONFIG, single_device_mesh, "natural")
+
+
+def _assert_same(result, expected, tol=1e-5):
+  logits, grads = result
+  ref_logits, ref_grads = expected
+  assert np.abs(logits - ref_logits).max() < tol * np.abs(ref_logits).max()
+  flat, ref_flat = jax.tree.leaves_with_path(grads), jax.tree.leaves(ref_grads)
+  for (path, grad), ref in zip(flat, ref_flat):
+    assert np.abs(grad - ref).max() < tol * np.abs(ref).max(), jax.tree_util.keystr(path)
+
+
+def test_model_on_mesh_equals_single_device(mesh, single_device_result):
+  _assert_same(_logits_and_grads(CONFIG, mesh, "zigzag"), single_device_result)
+
+
+def test_natural_order_on_ring_equals_single_device(single_device_result):
+  _assert_same(_logits_and_grads(CONFIG, make_mesh({"sequence": 8}), "natural"),
+               single_device_result)
+
+
+def test_parameters_are_created_sharded():
+  mesh = make_mesh({"fsdp": 2, "sequence": 2, "tensor": 2})
+  model = transformer.create(CONFIG, mesh, seed=0, attention=ATTENTION)
+  wq = model.blocks[0].attn.wq[...]
+  assert wq.sharding.spec == jax.P("fsdp", "tensor", None)
+  assert wq.addressable_shards[0].data.shape == (32, 2, 16)
+  assert model.embed[...].sharding.spec == jax.P("tensor", "fsdp")
+  assert model.blocks[0].mlp.w_down[...].sharding.spec == jax.P("tensor", "fsdp")
+  # Same seed, same values on any mesh.
+  single = transformer.create(CONFIG, make_mesh({"data": 1}, jax.devices()[:1]), seed=0)
+  np.testing.assert_array_equal(np.asarray(wq), np.asarray(single.blocks[0].attn.wq[...]))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_does_not_change_gradients(remat, single_device_mesh, single_device_result):
+  config = dataclasses.replace(CONFIG, remat=remat)
+  _assert_same(_logits_and_grads(config, single_device_mesh, "natural"), single_device_result)
+
+
+def test_tied_embeddings_on_mesh(single_device_mesh):
+  config = dataclasses.replace(CONFIG, tie_embeddings=True)
+  expected = _logits_and_grads(config, single_device_mesh, "natural")
+  assert "lm_head" not in expected[1]
+  _assert_same(_logits_and_grads(config, make_mesh({"data": 2, "sequence": 2, "tensor": 2}),
+                                 "zigzag"), expected)
+
+
+def test_bfloat16_compute_is_close_to_float32(single_device_mesh, single_device_result):
+  config = dataclasses.replace(CONFIG, dtype="bfloat16")
+  logits, _ = _logits_and_grads(config, single_device_mesh, "natural")
+  ref_logits = single_device_result[0]
+  assert logits.dtype == np.float32
+  assert np.abs(logits - ref_logits).max() < 2e-2 * np.abs(ref_logits).max()
