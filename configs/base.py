@@ -1,0 +1,53 @@
+"""Every ringlm config field with its default. Other config files start from this one.
+
+Fields are overridden on the command line: --config.model.n_layers=2.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # parameter init (and, with training, data order and dropout-free RNG)
+
+  # --- model (model/config.py: ModelConfig) ---
+  config.model = ml_collections.ConfigDict()
+  config.model.vocab_size = 8192
+  config.model.dim = 256
+  config.model.n_layers = 4
+  config.model.n_heads = 8
+  config.model.n_kv_heads = 2        # grouped-query attention: n_heads % n_kv_heads == 0
+  config.model.head_dim = 0          # 0: dim // n_heads
+  config.model.mlp_dim = 768         # SwiGLU hidden size
+  config.model.norm_eps = 1e-5
+  config.model.tie_embeddings = False
+  config.model.max_seq_len = 4096    # longest context the model is meant to serve
+  config.model.dtype = "float32"     # compute dtype (bfloat16 on TPU/GPU)
+  config.model.param_dtype = "float32"  # master weights
+  config.model.remat = "none"        # none | full | dots: recompute blocks in the backward pass
+  config.model.init_std = 0.02
+  config.model.rope = ml_collections.ConfigDict()
+  config.model.rope.theta = 10_000.0
+  config.model.rope.scaling = ml_collections.ConfigDict()
+  config.model.rope.scaling.type = "none"  # none | linear
+  config.model.rope.scaling.factor = 1.0
+  config.model.rope.scaling.original_max_len = 0
+
+  # --- attention kernels (parallel/kernels/) ---
+  config.attention = ml_collections.ConfigDict()
+  config.attention.impl = "auto"     # auto (the backend's best) | xla
+  config.attention.block_q = 512
+  config.attention.block_kv = 512
+
+  # --- mesh (parallel/mesh.py); -1 takes the remaining devices ---
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.sequence = 1           # ring size: the sequence is split over this axis
+  config.mesh.tensor = 1
+
+  # --- data ---
+  config.data = ml_collections.ConfigDict()
+  config.data.seq_len = 2048         # tokens per row; a multiple of 2*mesh.sequence
+  config.data.batch_size = 8         # global rows per step
+  return config
