@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel.kernels import reference, xla
+from parallel.kernels import masking, reference, xla
 from tests.inputs import attention_inputs
 
 IMPLS = {"xla": xla}
@@ -70,11 +70,11 @@ def test_causal_blocks_above_the_diagonal_are_skipped():
   """The skip table marks exactly the block pairs that hold a visible key."""
   positions = np.arange(128, dtype=np.int32)[None]
   segments = np.ones_like(positions)
-  q = np.zeros((1, 128, 1, 8), np.float32)
-  blocks = xla._Blocks(q, q, positions, positions, segments, segments, True, 32, 32)
-  np.testing.assert_array_equal(np.asarray(blocks.visible), np.tril(np.ones((4, 4), bool)))
+  table = masking.block_table(positions, positions, segments, segments, 32, 32, causal=True)
+  np.testing.assert_array_equal(np.asarray(table), np.tril(np.ones((4, 4), bool)))
   # Two documents of 64 tokens: the off-diagonal document blocks are skipped too.
   segments = (np.arange(128)[None] // 64).astype(np.int32)
-  blocks = xla._Blocks(q, q, positions % 64, positions % 64, segments, segments, False, 32, 32)
+  table = masking.block_table(positions % 64, positions % 64, segments, segments, 32, 32,
+                              causal=False)
   expected = np.kron(np.eye(2, dtype=bool), np.ones((2, 2), bool))
-  np.testing.assert_array_equal(np.asarray(blocks.visible), expected)
+  np.testing.assert_array_equal(np.asarray(table), expected)

@@ -18,7 +18,7 @@ Shapes (per device, the arrays a ring step holds):
   out [B, Lq, Hq, D] in q.dtype; lse [B, Lq, Hq] float32.
 Internally q is viewed as [B, L, Hkv, G, D] (a free reshape), so kv heads are
 never repeated. Lengths that are not a multiple of the block size are padded
-inside and the padding is masked out.
+inside with self-masking positions and segment ids (parallel/kernels/masking.py).
 """
 
 import functools
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from parallel.kernels import masking
+
 NEG_INF = -jnp.inf
-_INT_MAX = jnp.iinfo(jnp.int32).max
-_INT_MIN = jnp.iinfo(jnp.int32).min
 
 
 def _pad_to(x, length, axis, value=0):
@@ -41,23 +41,12 @@ def _pad_to(x, length, axis, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _block_ranges(values, valid, num_blocks):
-  """Min and max of `values` [B, L] over the valid entries of each of `num_blocks` blocks."""
-  batch, length = values.shape
-  blocks = values.reshape(batch, num_blocks, length // num_blocks)
-  valid = valid.reshape(1, num_blocks, length // num_blocks)
-  low = jnp.where(valid, blocks, _INT_MAX).min(axis=(0, 2))
-  high = jnp.where(valid, blocks, _INT_MIN).max(axis=(0, 2))
-  return low, high
-
-
 class _Blocks:
-  """The padded, blocked view of one call's inputs and the per-block skip table."""
+  """The padded, blocked view of one call's tokens and the per-block skip table."""
 
   def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv):
-    batch, q_len, q_heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    self.group = q_heads // kv_heads
+    q_len, kv_len = q.shape[1], k.shape[1]
+    self.group = q.shape[2] // k.shape[2]
     self.block_q = min(block_q, q_len)
     self.block_kv = min(block_kv, kv_len)
     self.num_q = -(-q_len // self.block_q)
@@ -65,24 +54,11 @@ class _Blocks:
     self.q_len_padded = self.num_q * self.block_q
     self.kv_len_padded = self.num_kv * self.block_kv
     self.causal = causal
-
-    q_valid = jnp.arange(self.q_len_padded) < q_len
-    kv_valid = jnp.arange(self.kv_len_padded) < kv_len
-    self.q_pos = _pad_to(q_pos.astype(jnp.int32), self.q_len_padded, 1)
-    self.q_seg = _pad_to(q_seg.astype(jnp.int32), self.q_len_padded, 1)
-    self.kv_pos = _pad_to(kv_pos.astype(jnp.int32), self.kv_len_padded, 1, _INT_MAX)
-    self.kv_seg = _pad_to(kv_seg.astype(jnp.int32), self.kv_len_padded, 1)
-    self.kv_valid = kv_valid
-
-    q_pos_lo, q_pos_hi = _block_ranges(self.q_pos, q_valid[None], self.num_q)
-    q_seg_lo, q_seg_hi = _block_ranges(self.q_seg, q_valid[None], self.num_q)
-    kv_pos_lo, _ = _block_ranges(self.kv_pos, kv_valid[None], self.num_kv)
-    kv_seg_lo, kv_seg_hi = _block_ranges(self.kv_seg, kv_valid[None], self.num_kv)
+    self.q_pos, self.kv_pos, self.q_seg, self.kv_seg = masking.pad_tokens(
+        q_pos, kv_pos, q_seg, kv_seg, self.q_len_padded, self.kv_len_padded)
     # visible[i, j]: q block i may see some key of kv block j.
-    visible = (q_seg_lo[:, None] <= kv_seg_hi[None, :]) & (kv_seg_lo[None, :] <= q_seg_hi[:, None])
-    if causal:
-      visible &= kv_pos_lo[None, :] <= q_pos_hi[:, None]
-    self.visible = visible
+    self.visible = masking.block_table(self.q_pos, self.kv_pos, self.q_seg, self.kv_seg,
+                                       self.block_q, self.block_kv, causal)
 
   def q_block(self, x, i):
     return lax.dynamic_slice_in_dim(x, i * self.block_q, self.block_q, axis=1)
@@ -92,12 +68,9 @@ class _Blocks:
 
   def mask(self, i, j):
     """[B, 1, 1, bq, bk]: which (query, key) pairs of blocks (i, j) are visible."""
-    q_seg, kv_seg = self.q_block(self.q_seg, i), self.kv_block(self.kv_seg, j)
-    mask = q_seg[:, :, None] == kv_seg[:, None, :]
-    mask &= self.kv_block(self.kv_valid[None], j)[:, None, :]
-    if self.causal:
-      q_pos, kv_pos = self.q_block(self.q_pos, i), self.kv_block(self.kv_pos, j)
-      mask &= kv_pos[:, None, :] <= q_pos[:, :, None]
+    mask = masking.visible(self.q_block(self.q_pos, i), self.kv_block(self.kv_pos, j),
+                           self.q_block(self.q_seg, i), self.kv_block(self.kv_seg, j),
+                           self.causal)
     return mask[:, None, None]
 
 

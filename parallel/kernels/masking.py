@@ -1,0 +1,60 @@
+"""What every block-attention implementation shares: masks, self-masking padding, skip tables.
+
+A query sees a key when their segment ids are equal and (if causal) kv_pos <= q_pos.
+
+Padding masks itself: padded keys get segment id INT_MIN and position INT_MAX,
+padded queries segment id INT_MAX and position INT_MIN, so no padded query sees a
+key and no query sees a padded key, causal or not (real segment ids are never
+INT_MIN or INT_MAX). Kernels therefore need no separate "valid length".
+
+The skip table says, per (q block, kv block), whether any query of the one can see
+any key of the other, from the ranges of their positions and segment ids over the
+whole batch. It is conservative (a True block may still be fully masked), never wrong.
+"""
+
+import jax.numpy as jnp
+
+INT_MAX = jnp.iinfo(jnp.int32).max
+INT_MIN = jnp.iinfo(jnp.int32).min
+
+
+def _pad(x, length, value):
+  extra = length - x.shape[1]
+  return x if extra == 0 else jnp.pad(x, ((0, 0), (0, extra)), constant_values=value)
+
+
+def pad_tokens(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len):
+  """Pads [B, L] int32 positions and segment ids to q_len / kv_len with self-masking values."""
+  return (_pad(q_pos.astype(jnp.int32), q_len, INT_MIN),
+          _pad(kv_pos.astype(jnp.int32), kv_len, INT_MAX),
+          _pad(q_seg.astype(jnp.int32), q_len, INT_MAX),
+          _pad(kv_seg.astype(jnp.int32), kv_len, INT_MIN))
+
+
+def visible(q_pos, kv_pos, q_seg, kv_seg, causal):
+  """Element mask [..., Lq, Lk] from q_* [..., Lq] and kv_* [..., Lk]."""
+  mask = q_seg[..., :, None] == kv_seg[..., None, :]
+  if causal:
+    mask &= kv_pos[..., None, :] <= q_pos[..., :, None]
+  return mask
+
+
+def _ranges(values, block):
+  """Min and max over the batch and each block of `block` tokens: two [L // block] arrays."""
+  blocks = values.reshape(values.shape[0], -1, block)
+  return blocks.min(axis=(0, 2)), blocks.max(axis=(0, 2))
+
+
+def block_table(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
+  """[Lq // block_q, Lk // block_kv] bool: may q block i see anything of kv block j?
+
+  Inputs are padded [B, L] int32 arrays whose lengths are multiples of the blocks.
+  """
+  q_seg_lo, q_seg_hi = _ranges(q_seg, block_q)
+  kv_seg_lo, kv_seg_hi = _ranges(kv_seg, block_kv)
+  table = (q_seg_lo[:, None] <= kv_seg_hi[None, :]) & (kv_seg_lo[None, :] <= q_seg_hi[:, None])
+  if causal:
+    _, q_pos_hi = _ranges(q_pos, block_q)
+    kv_pos_lo, _ = _ranges(kv_pos, block_kv)
+    table &= kv_pos_lo[None, :] <= q_pos_hi[:, None]
+  return table
