@@ -24,17 +24,21 @@ from jax import lax
 from parallel import sharding
 from parallel.kernels import xla
 
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "xla", "pallas_tpu")
 
 
 def kernel_module(impl: str):
-  """The kernel module for `impl` ("auto" picks the backend's best)."""
+  """The kernel module for `impl`; "auto" picks the Pallas kernel of the backend, XLA on CPU.
+
+  Pallas kernels run in interpret mode on CPU (slow; for tests).
+  """
   if impl == "auto":
-    # The Pallas kernels (TPU Mosaic, GPU) plug in here when they land; until then
-    # every backend runs the XLA path.
-    impl = "xla"
+    impl = {"tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
   if impl == "xla":
     return xla
+  if impl == "pallas_tpu":
+    from parallel.kernels import pallas_tpu
+    return pallas_tpu
   raise ValueError(f"attention.impl={impl!r} is not available; use one of {IMPLS}")
 
 

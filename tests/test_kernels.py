@@ -4,10 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel.kernels import masking, reference, xla
+from parallel.kernels import masking, pallas_tpu, reference, xla
 from tests.inputs import attention_inputs
 
-IMPLS = {"xla": xla}
+IMPLS = {"xla": xla, "pallas_tpu": pallas_tpu}
+# TPU blocks: keys in multiples of 128 (lanes); queries in multiples of 8.
+MIN_BLOCK_KV = {"pallas_tpu": 128}
 
 # name -> (attention_inputs kwargs, causal, block size)
 CASES = {
@@ -20,6 +22,8 @@ CASES = {
     "rows-without-keys": (dict(q_len=64, kv_len=48, kv_offset=40), True, 16),
     # lengths that are not a multiple of the block
     "ragged-lengths": (dict(q_len=100, kv_len=70, q_heads=8, kv_heads=2, doc_len=45), True, 32),
+    # several 128-key blocks (the TPU kernels' smallest): skipping, ragged last block
+    "long-packed-gqa": (dict(batch=1, q_len=300, q_heads=4, kv_heads=1, doc_len=150), True, 64),
 }
 
 TOLERANCE = {np.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -39,7 +43,8 @@ def test_block_attention_matches_reference(impl, case, dtype, rng):
   scale = 0.7 / np.sqrt(q.shape[-1])
   cast = lambda x: jnp.asarray(x, dtype)
   kernel = IMPLS[impl]
-  opts = dict(causal=causal, scale=scale, block_q=block, block_kv=block)
+  opts = dict(causal=causal, scale=scale, block_q=block,
+              block_kv=max(block, MIN_BLOCK_KV.get(impl, 0)))
 
   out, lse = kernel.block_attention(cast(q), cast(k), cast(v), q_pos, kv_pos, q_seg, kv_seg,
                                     **opts)

@@ -41,6 +41,26 @@ def test_ring_attention_matches_reference(mesh, order, rng):
   assert out.sharding.is_equivalent_to(expected, out.ndim)
 
 
+def test_ring_attention_with_pallas_tpu_kernel(rng):
+  """The TPU kernels (interpret mode on CPU) inside the ring, zigzag order, fwd and grads."""
+  mesh = make_mesh({"data": 2, "sequence": 4})
+  q, k, v, positions, _, segments, _, dout = (
+      layout.to_zigzag(x, 4)
+      for x in attention_inputs(rng, batch=2, q_len=64, q_heads=4, kv_heads=1, doc_len=40))
+
+  def attend(q, k, v):
+    return ring_attention(q, k, v, positions=positions, segment_ids=segments, mesh=mesh,
+                          impl="pallas_tpu", block_q=8, block_kv=128)
+
+  out, grad_fn = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v))(q, k, v)
+  grads = jax.jit(grad_fn)(dout)
+  ref_out, _ = reference.attention(q, k, v, positions, positions, segments, segments)
+  ref_grads = reference.attention_grads(q, k, v, positions, positions, segments, segments, dout)
+  assert _relative_error(out, ref_out) < 1e-5
+  for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads):
+    assert _relative_error(grad, ref_grad) < 1e-5, name
+
+
 def test_ring_attention_non_causal(rng):
   mesh = make_mesh({"sequence": 4, "tensor": 2})
   q, k, v, positions, _, segments, _, _ = attention_inputs(rng, batch=1, q_len=64, q_heads=8,

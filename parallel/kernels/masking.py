@@ -12,6 +12,7 @@ any key of the other, from the ranges of their positions and segment ids over th
 whole batch. It is conservative (a True block may still be fully masked), never wrong.
 """
 
+import jax
 import jax.numpy as jnp
 
 INT_MAX = jnp.iinfo(jnp.int32).max
@@ -33,9 +34,15 @@ def pad_tokens(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len):
 
 def visible(q_pos, kv_pos, q_seg, kv_seg, causal):
   """Element mask [..., Lq, Lk] from q_* [..., Lq] and kv_* [..., Lk]."""
-  mask = q_seg[..., :, None] == kv_seg[..., None, :]
+  return visible_broadcast(q_pos[..., :, None], kv_pos[..., None, :], q_seg[..., :, None],
+                           kv_seg[..., None, :], causal)
+
+
+def visible_broadcast(q_pos, kv_pos, q_seg, kv_seg, causal):
+  """The mask rule on arrays that already broadcast (e.g. a column of queries, a row of keys)."""
+  mask = q_seg == kv_seg
   if causal:
-    mask &= kv_pos[..., None, :] <= q_pos[..., :, None]
+    mask &= kv_pos <= q_pos
   return mask
 
 
@@ -58,3 +65,16 @@ def block_table(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
     kv_pos_lo, _ = _ranges(kv_pos, block_kv)
     table &= kv_pos_lo[None, :] <= q_pos_hi[:, None]
   return table
+
+
+def fetch_table(table):
+  """[nq, nk] int32: the kv block to load at step j of q block i.
+
+  j itself where the table is True; elsewhere the last visible block before j (or
+  the first visible one, if none is before), so a kernel pipeline that only copies
+  when the block index changes copies nothing for skipped steps.
+  """
+  steps = jnp.arange(table.shape[1], dtype=jnp.int32)
+  last = jax.lax.cummax(jnp.where(table, steps, -1), axis=1)
+  first = jnp.argmax(table, axis=1).astype(jnp.int32)[:, None]
+  return jnp.where(last < 0, first, last)
