@@ -35,7 +35,7 @@ def get_config():
 
   # --- attention kernels (parallel/kernels/) ---
   config.attention = ml_collections.ConfigDict()
-  config.attention.impl = "auto"     # auto (the backend's best) | xla
+  config.attention.impl = "auto"     # auto (Pallas on TPU/GPU, xla on CPU) | xla | pallas_tpu | pallas_gpu
   config.attention.block_q = 512
   config.attention.block_kv = 512
 

@@ -30,7 +30,7 @@ class RopeConfig:
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """How attention runs (not part of the model's shape, so not saved with it)."""
-  impl: str = "auto"    # auto | xla (auto: the backend's best kernel)
+  impl: str = "auto"    # auto | xla | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, xla on CPU)
   block_q: int = 512    # query rows per kernel block
   block_kv: int = 512   # keys per kernel block
 

@@ -24,7 +24,7 @@ from jax import lax
 from parallel import sharding
 from parallel.kernels import xla
 
-IMPLS = ("auto", "xla", "pallas_tpu")
+IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
 
 def kernel_module(impl: str):
@@ -33,12 +33,15 @@ def kernel_module(impl: str):
   Pallas kernels run in interpret mode on CPU (slow; for tests).
   """
   if impl == "auto":
-    impl = {"tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
+    impl = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "xla")
   if impl == "xla":
     return xla
   if impl == "pallas_tpu":
     from parallel.kernels import pallas_tpu
     return pallas_tpu
+  if impl == "pallas_gpu":
+    from parallel.kernels import pallas_gpu
+    return pallas_gpu
   raise ValueError(f"attention.impl={impl!r} is not available; use one of {IMPLS}")
 
 
@@ -122,7 +125,7 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
     segment_ids: [B, L] int32 document ids of packed rows, or None (one document).
     causal: a query sees keys with kv_pos <= q_pos (and the same segment id).
     mesh: the Mesh; `axis` is its ring axis. scale defaults to D**-0.5.
-    impl: kernel implementation ("auto" or "xla"); block_q/block_kv: kernel block sizes.
+    impl: kernel implementation (one of IMPLS); block_q/block_kv: kernel block sizes.
   Returns:
     [B, L, Hq, D] in q.dtype, sharded like q. Rows that see no key are 0.
   """

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel.kernels import masking, pallas_tpu, reference, xla
+from parallel.kernels import masking, pallas_gpu, pallas_tpu, reference, xla
 from tests.inputs import attention_inputs
 
-IMPLS = {"xla": xla, "pallas_tpu": pallas_tpu}
+IMPLS = {"xla": xla, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
 # TPU blocks: keys in multiples of 128 (lanes); queries in multiples of 8.
 MIN_BLOCK_KV = {"pallas_tpu": 128}
 

@@ -41,8 +41,9 @@ def test_ring_attention_matches_reference(mesh, order, rng):
   assert out.sharding.is_equivalent_to(expected, out.ndim)
 
 
-def test_ring_attention_with_pallas_tpu_kernel(rng):
-  """The TPU kernels (interpret mode on CPU) inside the ring, zigzag order, fwd and grads."""
+@pytest.mark.parametrize("impl, block_kv", [("pallas_tpu", 128), ("pallas_gpu", 8)])
+def test_ring_attention_with_pallas_kernels(impl, block_kv, rng):
+  """The Pallas kernels (interpret mode on CPU) inside the ring, zigzag order, fwd and grads."""
   mesh = make_mesh({"data": 2, "sequence": 4})
   q, k, v, positions, _, segments, _, dout = (
       layout.to_zigzag(x, 4)
@@ -50,7 +51,7 @@ def test_ring_attention_with_pallas_tpu_kernel(rng):
 
   def attend(q, k, v):
     return ring_attention(q, k, v, positions=positions, segment_ids=segments, mesh=mesh,
-                          impl="pallas_tpu", block_q=8, block_kv=128)
+                          impl=impl, block_q=8, block_kv=block_kv)
 
   out, grad_fn = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v))(q, k, v)
   grads = jax.jit(grad_fn)(dout)
