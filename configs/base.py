@@ -36,8 +36,8 @@ def get_config():
   # --- attention kernels (parallel/kernels/) ---
   config.attention = ml_collections.ConfigDict()
   config.attention.impl = "auto"     # auto (Pallas on TPU/GPU, xla on CPU) | xla | pallas_tpu | pallas_gpu
-  config.attention.block_q = 512
-  config.attention.block_kv = 512
+  config.attention.block_q = 0       # query rows per kernel block; 0: the kernel's default
+  config.attention.block_kv = 0      # keys per block; 0: the kernel's default (TPU: multiple of 128)
 
   # --- mesh (parallel/mesh.py); -1 takes the remaining devices ---
   config.mesh = ml_collections.ConfigDict()

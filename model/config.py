@@ -31,8 +31,8 @@ class RopeConfig:
 class AttentionConfig:
   """How attention runs (not part of the model's shape, so not saved with it)."""
   impl: str = "auto"    # auto | xla | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, xla on CPU)
-  block_q: int = 512    # query rows per kernel block
-  block_kv: int = 512   # keys per kernel block
+  block_q: int = 0      # query rows per kernel block (0: the kernel's default)
+  block_kv: int = 0     # keys per kernel block (0: the kernel's default; TPU: a multiple of 128)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,9 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, cau
                 block_q, block_kv):
   """The per-device ring (runs inside shard_map); differentiable through its custom VJP."""
   to_next = [(i, (i + 1) % ring_size) for i in range(ring_size)]
-  opts = dict(causal=causal, scale=scale, block_q=block_q, block_kv=block_kv)
+  opts = dict(causal=causal, scale=scale)
+  opts.update({name: size for name, size in (("block_q", block_q), ("block_kv", block_kv))
+               if size})  # unset: the kernel's own default
 
   def forward(q, k, v, positions, segment_ids):
     def attend(kv_block, out, lse):
@@ -115,7 +117,7 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, cau
 
 
 def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, axis="sequence",
-                   impl="auto", scale=None, block_q=512, block_kv=512):
+                   impl="auto", scale=None, block_q=None, block_kv=None):
   """Softmax attention of q over k, v with the sequence split over the `axis` ring.
 
   Args (global arrays):
@@ -125,7 +127,8 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
     segment_ids: [B, L] int32 document ids of packed rows, or None (one document).
     causal: a query sees keys with kv_pos <= q_pos (and the same segment id).
     mesh: the Mesh; `axis` is its ring axis. scale defaults to D**-0.5.
-    impl: kernel implementation (one of IMPLS); block_q/block_kv: kernel block sizes.
+    impl: kernel implementation (one of IMPLS); block_q/block_kv: kernel block sizes
+      (None: the kernel's default).
   Returns:
     [B, L, Hq, D] in q.dtype, sharded like q. Rows that see no key are 0.
   """
