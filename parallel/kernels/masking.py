@@ -52,19 +52,47 @@ def _ranges(values, block):
   return blocks.min(axis=(0, 2)), blocks.max(axis=(0, 2))
 
 
-def block_table(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
-  """[Lq // block_q, Lk // block_kv] bool: may q block i see anything of kv block j?
+SKIP, FULL, PARTIAL = 0, 1, 2  # block states: nothing visible / all visible / needs the mask
 
-  Inputs are padded [B, L] int32 arrays whose lengths are multiples of the blocks.
+
+def block_states(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
+  """[Lq // block_q, Lk // block_kv] int32: SKIP, FULL or PARTIAL for q block i, kv block j.
+
+  SKIP: no query of block i can see a key of block j. FULL: every query sees every key
+  (one segment on both sides, and causally all keys are at or before all queries), so
+  no mask is needed. Inputs are padded [B, L] int32 arrays whose lengths are multiples
+  of the blocks.
   """
   q_seg_lo, q_seg_hi = _ranges(q_seg, block_q)
   kv_seg_lo, kv_seg_hi = _ranges(kv_seg, block_kv)
-  table = (q_seg_lo[:, None] <= kv_seg_hi[None, :]) & (kv_seg_lo[None, :] <= q_seg_hi[:, None])
+  q_seg_lo, q_seg_hi = q_seg_lo[:, None], q_seg_hi[:, None]
+  kv_seg_lo, kv_seg_hi = kv_seg_lo[None, :], kv_seg_hi[None, :]
+  visible = (q_seg_lo <= kv_seg_hi) & (kv_seg_lo <= q_seg_hi)
+  full = (q_seg_lo == q_seg_hi) & (kv_seg_lo == kv_seg_hi) & (q_seg_lo == kv_seg_lo)
   if causal:
-    _, q_pos_hi = _ranges(q_pos, block_q)
-    kv_pos_lo, _ = _ranges(kv_pos, block_kv)
-    table &= kv_pos_lo[None, :] <= q_pos_hi[:, None]
-  return table
+    q_pos_lo, q_pos_hi = _ranges(q_pos, block_q)
+    kv_pos_lo, kv_pos_hi = _ranges(kv_pos, block_kv)
+    visible &= kv_pos_lo[None, :] <= q_pos_hi[:, None]
+    full &= kv_pos_hi[None, :] <= q_pos_lo[:, None]
+  return jnp.where(full, FULL, jnp.where(visible, PARTIAL, SKIP)).astype(jnp.int32)
+
+
+def schedule(states):
+  """Visit order for loops that must not branch: per row of a block-state table.
+
+  Returns (order, num_full, num_visible): order[i] lists the columns of row i with the
+  FULL blocks first, then the PARTIAL ones, then the skipped ones; a loop runs columns
+  order[i, :num_full[i]] without a mask, order[i, num_full[i]:num_visible[i]] with it,
+  and never touches the rest.
+  """
+  rank = jnp.where(states == FULL, 0, jnp.where(states == PARTIAL, 1, 2))
+  order = jnp.argsort(rank, axis=1, stable=True).astype(jnp.int32)
+  return order, (states == FULL).sum(axis=1), (states != SKIP).sum(axis=1)
+
+
+def block_table(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
+  """[Lq // block_q, Lk // block_kv] bool: may q block i see anything of kv block j?"""
+  return block_states(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal) != SKIP
 
 
 def fetch_table(table):
