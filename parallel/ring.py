@@ -45,6 +45,13 @@ def kernel_module(impl: str):
   raise ValueError(f"attention.impl={impl!r} is not available; use one of {IMPLS}")
 
 
+def _fit(size, length):
+  """The largest of size, size/2, size/4, ... (down to 8) that divides `length`."""
+  while size > 8 and length % size:
+    size //= 2
+  return size
+
+
 def _merge(out, lse, block_out, block_lse):
   """Log-sum-exp merge of two partial attentions over disjoint keys (rows with no key stay 0)."""
   new_lse = jnp.logaddexp(lse, block_lse)
@@ -57,9 +64,12 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, cau
                 block_q, block_kv):
   """The per-device ring (runs inside shard_map); differentiable through its custom VJP."""
   to_next = [(i, (i + 1) % ring_size) for i in range(ring_size)]
-  opts = dict(causal=causal, scale=scale)
-  opts.update({name: size for name, size in (("block_q", block_q), ("block_kv", block_kv))
-               if size})  # unset: the kernel's own default
+  # Unset block sizes: the kernel's default, halved until it divides the local half, so
+  # no block straddles the two chunks a device holds in zigzag order (a straddling
+  # block could rarely be skipped).
+  half = q.shape[1] // 2 if ring_size > 1 else q.shape[1]
+  opts = dict(causal=causal, scale=scale, block_q=block_q or _fit(kernel.BLOCK_Q, half),
+              block_kv=block_kv or _fit(kernel.BLOCK_KV, half))
 
   def forward(q, k, v, positions, segment_ids):
     def attend(kv_block, out, lse):

@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from parallel.kernels import masking
 
 NEG_INF = -jnp.inf
+BLOCK_Q, BLOCK_KV = 64, 64
 
 
 def _round_up(x, multiple):
@@ -131,8 +132,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv",
                                              "interpret"))
-def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=64,
-                    block_kv=64, interpret=None):
+def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=BLOCK_Q,
+                    block_kv=BLOCK_KV, interpret=None):
   """Forward; see the module docstring. interpret=None: interpret mode on CPU only."""
   batch, q_len, q_heads, head_dim = q.shape
   plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
@@ -209,7 +210,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_p
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv",
                                              "interpret"))
 def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *, causal, scale,
-                        block_q=64, block_kv=64, interpret=None):
+                        block_q=BLOCK_Q, block_kv=BLOCK_KV, interpret=None):
   """(dq, dk, dv) of this block's share, from the final out and lse [B, Lq, Hq]."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]

@@ -9,8 +9,8 @@ two dims are (rows, D), as Mosaic wants. Positions and segment ids are broadcast
 over lanes for queries ([B, Lq, 128], a column per block) and over sublanes for
 keys ([B, 8, Lk], a row per block); lse and delta cross the kernel boundary as
 [B, Hq, Lq, 128]. Lengths are padded to whole blocks with self-masking values
-(masking.py). Blocks: block_q a multiple of 8, block_kv a multiple of 128 (or the
-whole padded length).
+(masking.py). Blocks are rounded up to Mosaic's tiles: block_q to a multiple of 8,
+block_kv to a multiple of 128 (or the whole padded length when that is shorter).
 
 Skipping. Two scalar-prefetched [nq, nk] int32 tables: `table` (may q block i see kv
 block j, masking.block_table) gates the compute with pl.when, and `fetch` names the
@@ -48,6 +48,7 @@ from parallel.kernels import masking
 
 LANES, SUBLANES = 128, 8
 NEG_INF = -jnp.inf
+BLOCK_Q, BLOCK_KV = 512, 512
 
 
 def _round_up(x, multiple):
@@ -60,9 +61,7 @@ class _Plan:
   def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv):
     batch, q_len, q_heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    if block_q % SUBLANES or block_kv % LANES:
-      raise ValueError(f"attention.block_q={block_q} must be a multiple of {SUBLANES} and "
-                       f"attention.block_kv={block_kv} a multiple of {LANES} on TPU")
+    block_q, block_kv = _round_up(block_q, SUBLANES), _round_up(block_kv, LANES)  # Mosaic tiles
     self.group = q_heads // kv_heads
     self.block_q = min(block_q, _round_up(q_len, SUBLANES))
     self.block_kv = min(block_kv, _round_up(kv_len, SUBLANES))
@@ -151,8 +150,8 @@ def _forward_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv",
                                              "interpret"))
-def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=512,
-                    block_kv=512, interpret=None):
+def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=BLOCK_Q,
+                    block_kv=BLOCK_KV, interpret=None):
   """Forward; see the module docstring. interpret=None: interpret mode on CPU only."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_heads = k.shape[2]
@@ -253,7 +252,7 @@ def _dq_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, del
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv",
                                              "interpret"))
 def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *, causal, scale,
-                        block_q=512, block_kv=512, interpret=None):
+                        block_q=BLOCK_Q, block_kv=BLOCK_KV, interpret=None):
   """(dq, dk, dv) of this block's share, from the final out and lse [B, Lq, Hq]."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]

@@ -36,6 +36,8 @@ from jax import lax
 from parallel.kernels import masking
 
 NEG_INF = -jnp.inf
+# Default blocks: G·256 query rows against 128 keys keep a block pair's logits in cache.
+BLOCK_Q, BLOCK_KV = 256, 128
 
 
 class _Plan:
@@ -126,8 +128,8 @@ class _Plan:
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv"))
-def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=256,
-                    block_kv=128):
+def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=BLOCK_Q,
+                    block_kv=BLOCK_KV):
   """Attention of q over one block of keys. Returns (out, lse); see the module docstring."""
   plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
   q_rows, k_rows, v_rows = plan.q_rows(q), plan.kv_rows(k), plan.kv_rows(v)
@@ -167,7 +169,7 @@ def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, blo
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv"))
 def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *, causal,
-                        scale, block_q=256, block_kv=128):
+                        scale, block_q=BLOCK_Q, block_kv=BLOCK_KV):
   """Gradients (dq, dk, dv) of this block's share of the loss.
 
   `out` and `lse` [B, Lq, Hq] are the *final* attention output and log-sum-exp of

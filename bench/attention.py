@@ -1,0 +1,178 @@
+"""Causal attention, forward + backward, on the 8-device CPU mesh: ringlm against its peers.
+
+  python -m bench.attention            # L = 16K and 32K, two head shapes (~20 min on 2 cores)
+  python -m bench.attention --quick    # L = 2K, one repeat (a smoke run, ~1 min)
+
+In one process and one run:
+  ringlm        parallel.ring.ring_attention, zigzag order, the backend's kernel (xla on CPU)
+  ringattention the `ringattention` 0.1.2 package's ring (natural order, 512-token chunks)
+  xla-1dev      jax.nn.dot_product_attention on one device (run only where it fits)
+Batch 1, float32. Useful FLOPs count the four matmuls of forward + backward once
+(3 × 4·L²·H·D / 2 with the causal half); recomputation is not useful work. The
+matmul peak is measured in the same run. Prints a table and writes JSON.
+"""
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import sys
+
+NUM_DEVICES = 8
+
+
+def _implementations(mesh, length, heads, head_dim):
+  """name -> (function of (q, k, v, dout) returning grads, input transform, devices used)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from parallel import layout
+  from parallel.ring import ring_attention
+
+  ring = mesh.shape["sequence"]
+  positions = jnp.asarray(layout.to_zigzag(np.arange(length, dtype=np.int32)[None], ring))
+
+  def ringlm(q, k, v, dout):
+    attend = lambda q, k, v: ring_attention(q, k, v, positions=positions, mesh=mesh)
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(dout)
+
+  jax.lib.xla_bridge = jax._src.xla_bridge  # ringattention 0.1.2 reads this at import
+  import ringattention
+  chunk = min(512, length // ring)
+  options = dict(causal_block_size=1, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
+                 query_chunk_size=chunk, key_chunk_size=chunk, dtype=jnp.float32,
+                 policy=jax.checkpoint_policies.nothing_saveable, precision=None,
+                 prevent_cse=True)
+  spec = jax.P(None, "sequence")
+  peer_ring = jax.shard_map(
+      lambda q, k, v: ringattention.ringattention_jax(q, k, v, None, None, None, "sequence",
+                                                      True, options),
+      mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+
+  def peer(q, k, v, dout):
+    out, vjp = jax.vjp(peer_ring, q, k, v)
+    return out, vjp(dout)
+
+  def dense(q, k, v, dout):
+    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                          implementation="xla")
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(dout)
+
+  zigzag = lambda x: layout.to_zigzag(x, ring)
+  return {"ringlm": (ringlm, zigzag, NUM_DEVICES),
+          "ringattention": (peer, lambda x: x, NUM_DEVICES),
+          "xla-1dev": (dense, lambda x: x, 1)}
+
+
+def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit):
+  import jax
+  import numpy as np
+
+  from parallel import layout
+
+  rng = np.random.default_rng(0)
+  inputs = [rng.standard_normal((1, length, heads, head_dim)).astype(np.float32)
+            for _ in range(4)]  # q, k, v, dout
+  useful_flops = 3 * 4 * length**2 * heads * head_dim / 2
+  rows, outputs = [], {}
+  for name, (fn, transform, devices) in _implementations(mesh, length, heads, head_dim).items():
+    if devices == 1:
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+      sharding = jax.NamedSharding(mesh, jax.P(None, "sequence"))
+    args = [jax.device_put(transform(x), sharding) for x in inputs]
+    compiled = jax.jit(fn).lower(*args).compile()
+    from bench.common import planned_bytes, time_compiled
+    memory = planned_bytes(compiled) * devices
+    row = {"impl": name, "seq_len": length, "heads": heads, "head_dim": head_dim,
+           "devices": devices, "planned_memory_bytes": memory}
+    if memory > memory_limit:
+      row["skipped"] = f"needs {memory / 2**30:.1f} GiB > {memory_limit / 2**30:.0f} GiB"
+      rows.append(row)
+      print(f"  {name:<14} skipped: {row['skipped']}", flush=True)
+      continue
+    out = compiled(*args)[0]
+    outputs[name] = layout.from_zigzag(np.asarray(out), NUM_DEVICES) if name == "ringlm" \
+        else np.asarray(out)
+    times = time_compiled(compiled, args, repeats)
+    median = statistics.median(times)
+    row.update(median_s=median, times_s=times, useful_flops_per_s=useful_flops / median,
+               percent_of_peak=100 * useful_flops / median / peak)
+    rows.append(row)
+    print(f"  {name:<14} {median:8.2f} s  {row['useful_flops_per_s'] / 1e9:7.1f} GFLOP/s "
+          f"({row['percent_of_peak']:4.1f}% of peak)  {memory / 2**30:6.2f} GiB", flush=True)
+  peer = next((r for r in rows if r["impl"] == "ringattention" and "median_s" in r), None)
+  for row in rows:
+    if peer and "median_s" in row:
+      row["speedup_vs_ringattention"] = peer["median_s"] / row["median_s"]
+    if row["impl"] in outputs and row["impl"] != "ringlm" and "ringlm" in outputs:
+      row["max_abs_diff_vs_ringlm"] = float(np.abs(outputs[row["impl"]] - outputs["ringlm"]).max())
+  return rows
+
+
+def format_table(rows, peak):
+  lines = [f"matmul peak (measured): {peak / 1e9:.1f} GFLOP/s", "",
+           "| L | heads x dim | impl | median s | vs ringattention | useful GFLOP/s | % of peak "
+           "| memory GiB | max abs diff vs ringlm |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    shape = f"{r['heads']} x {r['head_dim']}"
+    memory = f"{r['planned_memory_bytes'] / 2**30:.2f}"
+    if "skipped" in r:
+      lines.append(f"| {r['seq_len']} | {shape} | {r['impl']} | skipped ({r['skipped']}) | | | "
+                   f"| {memory} | |")
+      continue
+    diff = f"{r['max_abs_diff_vs_ringlm']:.1e}" if "max_abs_diff_vs_ringlm" in r else ""
+    lines.append(f"| {r['seq_len']} | {shape} | {r['impl']} | {r['median_s']:.2f} | "
+                 f"{r.get('speedup_vs_ringattention', float('nan')):.2f}x | "
+                 f"{r['useful_flops_per_s'] / 1e9:.1f} | {r['percent_of_peak']:.1f} | {memory} | "
+                 f"{diff} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="L=2048, one repeat")
+  parser.add_argument("--lengths", default="16384,32768")
+  parser.add_argument("--shapes", default="8x64,4x128", help="heads x head_dim, comma-separated")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--memory_limit_gib", type=float, default=12.0,
+                      help="skip an implementation whose planned memory exceeds this")
+  parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.lengths, args.repeats = "2048", 1
+
+  import jax
+  jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+  from bench.common import machine, matmul_peak, write_json
+  from parallel.mesh import make_mesh
+
+  mesh = make_mesh({"sequence": NUM_DEVICES})
+  peaks = matmul_peak(mesh)
+  peak = peaks["peak_flops"]
+  print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (one device {peaks['one_device_flops'] / 1e9:.1f},"
+        f" all {NUM_DEVICES} at once {peaks['all_devices_flops'] / 1e9:.1f})", flush=True)
+  rows = []
+  for length in map(int, args.lengths.split(",")):
+    for shape in args.shapes.split(","):
+      heads, head_dim = map(int, shape.split("x"))
+      print(f"L={length} heads={heads} head_dim={head_dim}", flush=True)
+      rows += run_case(mesh, length, heads, head_dim, args.repeats, peak,
+                       args.memory_limit_gib * 2**30)
+  table = format_table(rows, peak)
+  print("\n" + table)
+  stamp = datetime.date.today().isoformat()
+  out = args.out or os.path.join("bench", "results",
+                                 f"attention-{stamp}-{socket.gethostname()}"
+                                 f"{'-quick' if args.quick else ''}.json")
+  write_json(out, {"benchmark": "attention", "machine": machine(), "matmul": peaks,
+                   "args": vars(args), "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+  sys.exit(main())
