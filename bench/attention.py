@@ -18,6 +18,7 @@ import os
 import socket
 import statistics
 import sys
+import time
 
 NUM_DEVICES = 8
 
@@ -69,16 +70,19 @@ def _implementations(mesh, length, heads, head_dim):
 
 
 def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit):
+  """Compiles every implementation, then times them interleaved (one run of each per
+  round, after one warm-up round), so drift of the shared machine hits all alike."""
   import jax
   import numpy as np
 
+  from bench.common import planned_bytes
   from parallel import layout
 
   rng = np.random.default_rng(0)
   inputs = [rng.standard_normal((1, length, heads, head_dim)).astype(np.float32)
             for _ in range(4)]  # q, k, v, dout
   useful_flops = 3 * 4 * length**2 * heads * head_dim / 2
-  rows, outputs = [], {}
+  rows, runs, outputs = [], {}, {}
   for name, (fn, transform, devices) in _implementations(mesh, length, heads, head_dim).items():
     if devices == 1:
       sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -86,28 +90,32 @@ def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit):
       sharding = jax.NamedSharding(mesh, jax.P(None, "sequence"))
     args = [jax.device_put(transform(x), sharding) for x in inputs]
     compiled = jax.jit(fn).lower(*args).compile()
-    from bench.common import planned_bytes, time_compiled
     memory = planned_bytes(compiled) * devices
     row = {"impl": name, "seq_len": length, "heads": heads, "head_dim": head_dim,
-           "devices": devices, "planned_memory_bytes": memory}
+           "devices": devices, "planned_memory_bytes": memory, "times_s": []}
+    rows.append(row)
     if memory > memory_limit:
       row["skipped"] = f"needs {memory / 2**30:.1f} GiB > {memory_limit / 2**30:.0f} GiB"
-      rows.append(row)
       print(f"  {name:<14} skipped: {row['skipped']}", flush=True)
       continue
-    out = compiled(*args)[0]
-    outputs[name] = layout.from_zigzag(np.asarray(out), NUM_DEVICES) if name == "ringlm" \
-        else np.asarray(out)
-    times = time_compiled(compiled, args, repeats)
-    median = statistics.median(times)
-    row.update(median_s=median, times_s=times, useful_flops_per_s=useful_flops / median,
+    out = np.asarray(compiled(*args)[0])  # the warm-up run
+    outputs[name] = layout.from_zigzag(out, NUM_DEVICES) if name == "ringlm" else out
+    runs[name] = (compiled, args, row)
+  for _ in range(repeats):
+    for compiled, args, row in runs.values():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      row["times_s"].append(time.perf_counter() - start)
+  for compiled, args, row in runs.values():
+    median = statistics.median(row["times_s"])
+    row.update(median_s=median, useful_flops_per_s=useful_flops / median,
                percent_of_peak=100 * useful_flops / median / peak)
-    rows.append(row)
-    print(f"  {name:<14} {median:8.2f} s  {row['useful_flops_per_s'] / 1e9:7.1f} GFLOP/s "
-          f"({row['percent_of_peak']:4.1f}% of peak)  {memory / 2**30:6.2f} GiB", flush=True)
-  peer = next((r for r in rows if r["impl"] == "ringattention" and "median_s" in r), None)
+    print(f"  {row['impl']:<14} {median:8.2f} s  {row['useful_flops_per_s'] / 1e9:7.1f} GFLOP/s "
+          f"({row['percent_of_peak']:4.1f}% of peak)  "
+          f"{row['planned_memory_bytes'] / 2**30:6.2f} GiB", flush=True)
+  peer = runs.get("ringattention", (None, None, {}))[2]
   for row in rows:
-    if peer and "median_s" in row:
+    if "median_s" in peer and "median_s" in row:
       row["speedup_vs_ringattention"] = peer["median_s"] / row["median_s"]
     if row["impl"] in outputs and row["impl"] != "ringlm" and "ringlm" in outputs:
       row["max_abs_diff_vs_ringlm"] = float(np.abs(outputs[row["impl"]] - outputs["ringlm"]).max())

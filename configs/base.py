@@ -46,8 +46,36 @@ def get_config():
   config.mesh.sequence = 1           # ring size: the sequence is split over this axis
   config.mesh.tensor = 1
 
-  # --- data ---
+  # --- data (data/pipeline.py, data/tokenizer.py) ---
   config.data = ml_collections.ConfigDict()
+  config.data.files = ""             # comma-separated globs (.txt/.py/.jsonl); "": the stdlib's .py
   config.data.seq_len = 2048         # tokens per row; a multiple of 2*mesh.sequence
-  config.data.batch_size = 8         # global rows per step
+  config.data.batch_size = 8         # global rows per step (all hosts together)
+
+  # --- training (train.py) ---
+  steps = ml_collections.FieldReference(1000)
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = steps
+  config.train.lr = 3e-4             # peak learning rate (AdamW), after linear warmup
+  config.train.warmup_steps = steps // 20  # follows train.steps unless set
+  config.train.min_lr_ratio = 0.1    # cosine decays to lr * min_lr_ratio
+  config.train.b1 = 0.9
+  config.train.b2 = 0.95
+  config.train.weight_decay = 0.1    # on matrices only: not on norms or biases
+  config.train.grad_clip = 1.0       # global-norm clipping
+  config.train.grad_accum = 1        # micro-batches per step (each data.batch_size / grad_accum rows)
+  config.train.max_bad_steps = 5     # stop after this many non-finite steps in a row
+  config.init_from = ""              # workdir or checkpoint to load parameters from (not optimizer)
+
+  # --- checkpoints (orbax, <workdir>/checkpoints) ---
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 100      # steps between saves (also at the end and on SIGTERM)
+  config.checkpoint.keep = 3         # newest checkpoints kept
+
+  # --- logging ---
+  config.log = ml_collections.ConfigDict()
+  config.log.every = 10              # steps between metrics lines
+  config.log.eval_every = 100        # steps between validation losses
+  config.log.eval_batches = 4        # validation batches per evaluation
+  config.log.tensorboard = False     # also write TensorBoard events to <workdir>/tensorboard
   return config

@@ -1,9 +1,9 @@
 """Forward and backward of a model at a long sequence on the ring, checked against one device.
 
-  python -m tools.demo --config=configs/tiny.py [--config.data.seq_len=8192] [--cpu_devices=8]
+  python -m tools.ring_check --config=configs/tiny.py [--seq_len=16384]   # = make ring-check
 
 Tokens are the bytes of the Python standard library's sources (real text, no
-download). The ring run uses the config's mesh and the zigzag layout; the reference
+download). The ring run puts every device on the ring (zigzag layout); the reference
 run puts the same model (same seed) on one device in natural order. Prints the time
 of each, the memory XLA plans per device, the process's peak RSS, and how far the
 loss, logits and parameter gradients of the two runs are apart.
@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "ringlm config file.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 16384, "Tokens in the one row (all devices on the ring).")
 
 
 def stdlib_bytes(count: int):
@@ -52,8 +53,8 @@ def main(argv):
   try:
     model_config = ModelConfig.from_dict(config.model.to_dict())
     attention = AttentionConfig(**config.attention.to_dict())
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-    seq_len, batch = config.data.seq_len, config.data.batch_size
+    mesh = mesh_lib.make_mesh({"sequence": -1})
+    seq_len, batch = _SEQ_LEN.value, 1
     mesh_lib.validate(model_config, mesh, seq_len=seq_len, batch_size=batch)
   except ConfigError as error:
     sys.exit(f"config error: {error}")

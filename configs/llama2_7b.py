@@ -1,0 +1,31 @@
+"""A Llama-2-7B-shaped model (6.7B parameters) at long context. Not runnable on CPU.
+
+  python train.py --config=configs/llama2_7b.py:v5p-128 --workdir=gs://.../run
+  python train.py --config=configs/llama2_7b.py:8xh100 --workdir=/data/run
+
+Variants pick the mesh and context: v5p-128 (64 chips: fsdp 8 x sequence 8, 32K
+tokens a row, 1M-token rows with v5p-128-1m: sequence 64) and 8xh100 (fsdp 2 x
+sequence 4, 32K). A test builds the abstract parameters and validates every mesh.
+"""
+
+from configs import base
+
+MESHES = {  # variant: (mesh, seq_len, global batch)
+    "v5p-128": (dict(data=1, fsdp=8, sequence=8, tensor=1), 32768, 8),
+    "v5p-128-1m": (dict(data=1, fsdp=1, sequence=64, tensor=1), 1 << 20, 1),
+    "8xh100": (dict(data=1, fsdp=2, sequence=4, tensor=1), 32768, 2),
+}
+
+
+def get_config(variant="v5p-128"):
+  config = base.get_config()
+  model = config.model
+  model.vocab_size, model.dim, model.n_layers = 32000, 4096, 32
+  model.n_heads, model.n_kv_heads, model.mlp_dim = 32, 32, 11008
+  model.rope.theta = 10_000.0
+  model.dtype, model.param_dtype, model.remat = "bfloat16", "float32", "full"
+  mesh, config.data.seq_len, config.data.batch_size = MESHES[variant]
+  config.mesh.update(mesh)
+  config.model.max_seq_len = config.data.seq_len
+  config.train.lr = 3e-5
+  return config

@@ -1,0 +1,31 @@
+"""A Llama-3-8B-shaped model (8.0B parameters, GQA 32:8) at long context. Not runnable on CPU.
+
+  python train.py --config=configs/llama3_8b.py:v5p-128 --workdir=gs://.../run
+  python train.py --config=configs/llama3_8b.py:8xh100 --workdir=/data/run
+
+Variants pick the mesh and context: v5p-128 (64 chips: fsdp 4 x sequence 8 x tensor 2,
+128K-token rows), v5p-128-1m (sequence 32 x tensor 2, 1M tokens) and 8xh100 (fsdp 2 x
+sequence 4, 64K). A test builds the abstract parameters and validates every mesh.
+"""
+
+from configs import base
+
+MESHES = {  # variant: (mesh, seq_len, global batch)
+    "v5p-128": (dict(data=1, fsdp=4, sequence=8, tensor=2), 131072, 4),
+    "v5p-128-1m": (dict(data=1, fsdp=1, sequence=32, tensor=2), 1 << 20, 1),
+    "8xh100": (dict(data=1, fsdp=2, sequence=4, tensor=1), 65536, 2),
+}
+
+
+def get_config(variant="v5p-128"):
+  config = base.get_config()
+  model = config.model
+  model.vocab_size, model.dim, model.n_layers = 128256, 4096, 32
+  model.n_heads, model.n_kv_heads, model.mlp_dim = 32, 8, 14336
+  model.rope.theta = 500_000.0
+  model.dtype, model.param_dtype, model.remat = "bfloat16", "float32", "full"
+  mesh, config.data.seq_len, config.data.batch_size = MESHES[variant]
+  config.mesh.update(mesh)
+  config.model.max_seq_len = config.data.seq_len
+  config.train.lr = 3e-5
+  return config

@@ -1,0 +1,132 @@
+"""Checkpoints: orbax steps that hold everything a run needs to continue exactly.
+
+A step directory `<workdir>/checkpoints/<step>/` holds the items
+  params     the model parameters (nnx pure dict), sharded arrays
+  opt_state  the optimizer state (absent in parameter-only checkpoints)
+  data       the input iterator's state (grain), one file per process
+  meta       JSON: step, the resolved config, and a checksum of every saved array
+
+orbax writes each step to a temporary directory and renames it when complete, so a
+killed save leaves no step behind. orbax does not notice flipped bits (a damaged data
+file can restore wrong values silently), hence the checksums: a bit-level weighted
+sum of every array, computed on device, recorded at save and verified at restore. A
+step that fails to restore or verify is skipped with a warning naming it, and the
+previous step is used.
+"""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _checksum(x):
+  """A uint32 sum of every element's bits times a position-dependent odd weight (mod 2**32)."""
+  bits = x.reshape(-1)
+  if bits.dtype.itemsize == 8:
+    bits = jax.lax.bitcast_convert_type(bits, jnp.uint32).reshape(-1)
+  else:
+    bits = jax.lax.bitcast_convert_type(bits, _UINT[bits.dtype.itemsize])
+  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+  return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)
+
+
+def checksums(tree) -> dict:
+  """{path: checksum} of every array leaf of a pytree."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(path): int(_checksum(leaf)) for path, leaf in leaves}
+
+
+class CorruptCheckpoint(Exception):
+  pass
+
+
+def _verify(restored: dict, expected: dict, step_dir: str):
+  for item, tree in restored.items():
+    got = checksums(tree)
+    for path, value in got.items():
+      if expected.get(item, {}).get(path) != value:
+        raise CorruptCheckpoint(f"checksum mismatch in {step_dir} {item}{path}")
+
+
+class Checkpointer:
+  """Saves and restores training steps in `directory` (see the module docstring)."""
+
+  def __init__(self, directory: str, *, keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True))
+
+  def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
+    """Starts an asynchronous save of `step` (the data iterator's state is taken now)."""
+    meta = dict(meta, step=step, checksums={"params": checksums(params),
+                                            "opt_state": checksums(opt_state)})
+    items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                 meta=ocp.args.JsonSave(meta))
+    if data_iterator is not None:
+      import grain
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore_latest(self, params_target, opt_state_target, data_iterator):
+    """(step, params, opt_state, meta) of the newest step that restores and verifies, or None.
+
+    Targets are trees of jax.ShapeDtypeStruct with the shardings to restore onto; the
+    data iterator is restored in place.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      step_dir = os.path.join(self.directory, str(step))
+      try:
+        items = dict(params=ocp.args.StandardRestore(params_target),
+                     opt_state=ocp.args.StandardRestore(opt_state_target),
+                     meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+          import grain
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        meta = restored["meta"]
+        _verify({"params": restored["params"], "opt_state": restored["opt_state"]},
+                meta["checksums"], step_dir)
+        return step, restored["params"], restored["opt_state"], meta
+      except Exception as error:  # noqa: BLE001  (any damage: fall back to an older step)
+        logging.warning("skipping checkpoint %s: %s", step_dir, str(error).splitlines()[0][:300])
+    return None
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def find_step_dir(path: str) -> str:
+  """A checkpoint step directory from a workdir, its checkpoints/ folder, or a step itself."""
+  path = os.path.abspath(path)
+  for candidate in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(candidate):
+      steps = [int(name) for name in os.listdir(candidate) if name.isdigit()]
+      if steps:
+        return os.path.join(candidate, str(max(steps)))
+  if os.path.isdir(os.path.join(path, "params")):
+    return path
+  raise FileNotFoundError(f"no checkpoint in {path}")
+
+
+def load_params(path: str, params_target):
+  """Parameters only, from a workdir / checkpoints dir / step dir, onto the target shardings.
+
+  Works whatever mesh wrote them: the target's shardings decide the layout. Returns
+  (params, meta).
+  """
+  step_dir = find_step_dir(path)
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(params_target), meta=ocp.args.JsonRestore()))
+  _verify({"params": restored["params"]},
+          {"params": restored["meta"]["checksums"]["params"]}, step_dir)
+  return restored["params"], restored["meta"]
+

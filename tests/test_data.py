@@ -1,0 +1,116 @@
+"""Tokenizer and input pipeline: exact round trips, packing invariants, determinism, resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data import pipeline, tokenizer as tokenizer_lib
+
+SEQ_LEN, BATCH = 128, 4
+
+
+@pytest.fixture(scope="module")
+def corpus():
+  files = pipeline.default_corpus()[:40]
+  return files, pipeline.load_documents(files)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory):
+  files, documents = corpus
+  return tokenizer_lib.load_or_train(str(tmp_path_factory.mktemp("assets")), files,
+                                     lambda: documents, vocab_size=1024)
+
+
+def test_tokenizer_round_trips_code_exactly(corpus, tokenizer):
+  _, documents = corpus
+  for text in documents + ["def f(x):\n\tif x == 1:\n        return 12345  # é ✓ \r\n"]:
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_tokenizer_is_cached_and_deterministic(corpus, tokenizer, tmp_path):
+  files, documents = corpus
+  again = tokenizer_lib.load_or_train(str(tmp_path), files, lambda: documents, vocab_size=1024)
+  assert again.serialized_model_proto() == tokenizer.serialized_model_proto()
+  calls = []
+  cached = tokenizer_lib.load_or_train(str(tmp_path), files,
+                                       lambda: calls.append(1) or documents, vocab_size=1024)
+  assert not calls and cached.vocab_size() == 1024
+  # Other settings train anew.
+  other = tokenizer_lib.load_or_train(str(tmp_path), files, lambda: documents, vocab_size=512)
+  assert other.vocab_size() == 512
+
+
+def _batches(documents, tokenizer, count, **kwargs):
+  iterator = pipeline.make_iterator(documents, tokenizer, seq_len=SEQ_LEN, batch_size=BATCH,
+                                    seed=3, **kwargs)
+  return iterator, [next(iterator) for _ in range(count)]
+
+
+def test_rows_are_packed_documents(corpus, tokenizer):
+  _, documents = corpus
+  _, batches = _batches(documents, tokenizer, 3)
+  for batch in batches:
+    assert {k: v.shape for k, v in batch.items()} == {k: (BATCH, SEQ_LEN) for k in batch}
+    for row in range(BATCH):
+      inputs, targets = batch["inputs"][row], batch["targets"][row]
+      segments, positions = batch["segment_ids"][row], batch["positions"][row]
+      real = segments > 0
+      assert real.sum() > SEQ_LEN // 2  # packing fills rows
+      for segment in np.unique(segments[real]):
+        where = segments == segment
+        np.testing.assert_array_equal(positions[where], np.arange(where.sum()))
+        # targets are the next inputs inside a document
+        np.testing.assert_array_equal(targets[where][:-1], inputs[where][1:])
+
+
+def test_long_documents_are_cut_into_rows():
+  ids = np.arange(300)
+  pieces = pipeline._pieces(ids, SEQ_LEN)
+  assert [len(p["inputs"]) for p in pieces] == [128, 128, 43]
+  np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in pieces]), ids[:-1])
+  np.testing.assert_array_equal(np.concatenate([p["targets"] for p in pieces]), ids[1:])
+
+
+def test_pipeline_is_deterministic_and_resumes_exactly(corpus, tokenizer):
+  _, documents = corpus
+  iterator, first = _batches(documents, tokenizer, 5)
+  state = json.loads(json.dumps(iterator.get_state()))  # it is plain JSON
+  after = [next(iterator) for _ in range(3)]
+  _, again = _batches(documents, tokenizer, 5)
+  for a, b in zip(first, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  resumed, _ = _batches(documents, tokenizer, 0)
+  resumed.set_state(state)
+  for expected in after:
+    got = next(resumed)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_hosts_read_disjoint_documents(corpus, tokenizer):
+  _, documents = corpus
+  rows = []
+  for index in range(2):
+    _, batches = _batches(documents, tokenizer, 2, process_index=index, process_count=2)
+    assert batches[0]["inputs"].shape == (BATCH // 2, SEQ_LEN)
+    rows.append({tuple(r) for b in batches for r in b["inputs"]})
+  assert not rows[0] & rows[1]
+
+
+def test_validation_split_is_held_out(corpus):
+  _, documents = corpus
+  train, validation = pipeline.split(documents)
+  assert len(train) + len(validation) == len(documents) and validation
+  train_ids = {id(doc) for doc in train}
+  assert not any(id(doc) in train_ids for doc in validation)
+
+
+def test_missing_files_are_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data.files: nothing matches"):
+    pipeline.corpus_files([str(tmp_path / "*.txt")])
+  (tmp_path / "empty.txt").write_text("   \n")
+  with pytest.raises(ValueError, match="hold no text"):
+    pipeline.load_documents(pipeline.corpus_files([str(tmp_path / "*.txt")]))

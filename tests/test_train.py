@@ -1,0 +1,125 @@
+"""train.py end to end, as a user runs it: subprocesses on 8 virtual CPU devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small, fast run of the tiny model: ring of 4 devices x data 2, 128-token rows.
+FAST = ["--config=configs/tiny.py", "--config.model.vocab_size=1024", "--config.model.n_layers=2",
+        "--config.data.seq_len=128", "--config.data.batch_size=4", "--config.log.every=1",
+        "--config.log.eval_every=1000", "--config.log.eval_batches=1"]
+
+
+def run_train(workdir, *extra, check=True, **kwargs):
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *FAST, *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          **kwargs)
+  if check and result.returncode != 0:
+    raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
+  return result
+
+
+def losses(workdir):
+  """{step: loss} from metrics.jsonl; a step logged twice (before and after a resume)
+  keeps its last value."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {record["step"]: record["loss"] for record in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  run_train(workdir, "--config.train.steps=12", "--config.checkpoint.every=4",
+            "--config.train.warmup_steps=2")
+  return workdir, losses(workdir)
+
+
+def test_loss_falls_on_the_real_corpus(tmp_path):
+  run_train(str(tmp_path), "--config.train.steps=60", "--config.train.lr=3e-3",
+            "--config.log.eval_every=60")
+  logged = losses(str(tmp_path))
+  first = sum(logged[s] for s in range(2, 6)) / 4
+  last = sum(logged[s] for s in range(56, 61)) / 5
+  assert last < first - 1.5, (first, last)
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    record = [json.loads(line) for line in f][-1]
+  for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s",
+              "tflops_per_device", "mfu", "eval_loss", "eval_ppl"):
+    assert key in record
+  assert 0 < record["mfu"] < 1
+
+
+def test_resume_after_kill_gives_identical_losses(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  args = [sys.executable, "train.py", f"--workdir={workdir}", *FAST, "--config.train.steps=12",
+          "--config.checkpoint.every=4", "--config.train.warmup_steps=2"]
+  process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoint = os.path.join(workdir, "checkpoints", "8")
+  deadline = time.time() + 300
+  while not os.path.isdir(checkpoint) and time.time() < deadline and process.poll() is None:
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert os.path.isdir(checkpoint), "the run ended before its step-8 checkpoint"
+  result = run_train(workdir, "--config.train.steps=12", "--config.checkpoint.every=4",
+                     "--config.train.warmup_steps=2")
+  assert "resumed from step" in result.stdout
+  expected = uninterrupted[1]
+  resumed = losses(workdir)
+  assert [resumed[s] for s in range(9, 13)] == [expected[s] for s in range(9, 13)]
+
+
+def test_sigterm_saves_and_the_rerun_finishes(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  args = [sys.executable, "train.py", f"--workdir={workdir}", *FAST, "--config.train.steps=12",
+          "--config.checkpoint.every=100", "--config.train.warmup_steps=2"]
+  process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+      break
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 0 and "stopped by signal" in out
+  saved = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+  assert saved and max(saved) < 12
+  run_train(workdir, "--config.train.steps=12", "--config.checkpoint.every=100",
+            "--config.train.warmup_steps=2")
+  assert [losses(workdir)[s] for s in range(10, 13)] == \
+      [uninterrupted[1][s] for s in range(10, 13)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.mesh.sequence=3"], "mesh.sequence=3 does not divide the 8 devices"),
+    (["--config.data.seq_len=100"], "data.seq_len=100 must be a multiple of 2*mesh.sequence=8"),
+    (["--config.data.files=/nonexistent/*.txt"], "data.files: nothing matches /nonexistent/*.txt"),
+    (["--config.model.typo=3"], "typo"),
+    (["--config.data.batch_size=1"], "global batch 1 < data*fsdp = 2"),
+])
+def test_bad_config_is_one_clear_message(tmp_path, extra, message):
+  result = run_train(str(tmp_path), *extra, check=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_empty_corpus_and_other_model_workdir(tmp_path):
+  (tmp_path / "empty.txt").write_text("  \n")
+  result = run_train(str(tmp_path / "run"), f"--config.data.files={tmp_path}/empty.txt",
+                     check=False)
+  assert result.returncode == 2 and "hold no text" in result.stderr
+  os.makedirs(tmp_path / "other")
+  (tmp_path / "other" / "config.json").write_text(json.dumps({"model": {"dim": 512}}))
+  result = run_train(str(tmp_path / "other"), check=False)
+  assert result.returncode == 2 and "holds a run of another model" in result.stderr
