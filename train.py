@@ -203,11 +203,14 @@ def main(argv):
   # Each group of processes that holds the same rows of the global batch reads them.
   global_shape = (config.data.batch_size, config.data.seq_len)
   batch_sharding = sharding.named_sharding(mesh, ("batch", "sequence"))
-  group, groups, first_row = sharding.host_rows(batch_sharding, global_shape)
+  first_row, rows = sharding.host_rows(batch_sharding, global_shape)
   train_docs, validation_docs = pipeline.split(documents)
   data_options = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size,
-                      process_index=group, process_count=groups)
-  train_iter = pipeline.make_iterator(train_docs, tokenizer, seed=config.seed, **data_options)
+                      first_row=first_row, rows=rows)
+  try:
+    train_iter = pipeline.Batches(train_docs, tokenizer, seed=config.seed, **data_options)
+  except ValueError as error:
+    fail(str(error))
 
   # Model and optimizer state, created sharded.
   model = transformer.create(model_config, mesh, config.seed, attention)
@@ -257,13 +260,13 @@ def main(argv):
     return {key: build(value) for key, value in batch.items()}
 
   def evaluate(params):
-    iterator = pipeline.make_iterator(validation_docs, tokenizer, seed=0, repeat=False,
-                                      **data_options)
+    options = dict(data_options, batch_size=min(config.data.batch_size, len(validation_docs)))
+    iterator = pipeline.Batches(validation_docs, tokenizer, seed=0, repeat=False, **options)
     loss_sum = tokens = 0.0
     for _, batch in zip(range(config.log.eval_batches), iterator):
       batch_loss, batch_tokens = eval_step(params, to_device(batch))
       loss_sum, tokens = loss_sum + float(batch_loss), tokens + float(batch_tokens)
-    return loss_sum / max(tokens, 1.0)
+    return loss_sum / tokens if tokens else None
 
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -313,8 +316,9 @@ def main(argv):
                   / 1e12}
         record["mfu"] = record["tflops_per_device"] * 1e12 / peak
         if step % config.log.eval_every == 0 or step == config.train.steps:
-          record["eval_loss"] = evaluate(params)
-          record["eval_ppl"] = float(np.exp(record["eval_loss"]))
+          eval_loss = evaluate(params)
+          if eval_loss is not None:
+            record.update(eval_loss=eval_loss, eval_ppl=float(np.exp(eval_loss)))
         if metrics_file:
           metrics_file.write(json.dumps(record) + "\n")
           metrics_file.flush()

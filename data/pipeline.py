@@ -7,11 +7,12 @@ A row of the global batch holds `seq_len` tokens of one or more documents:
   segment_ids     [seq_len] int32  document number inside the row, 1, 2, ...; 0 is padding
   positions       [seq_len] int32  position of each token in its document (restarts at 0)
 
-Documents longer than a row are cut into pieces of at most seq_len + 1 tokens, each
-packed as its own document. Every host reads a disjoint 1/process_count of the
-documents and builds its rows of the global batch; the order is a function of the
-seed only. The iterator's state is small JSON (`get_state`/`set_state`), saved with
-every checkpoint, so a resumed run sees exactly the batches it would have seen.
+Documents are concatenated and cut into full rows (a document that continues into the
+next row starts there as a new segment at position 0), so no row is padded. Each row of the global batch is its own stream over a
+disjoint share of the documents (`Batches`), so a host reads only the documents of
+its rows, and what every row holds depends on the seed only, never on the number of
+hosts. The state is small JSON, saved with every checkpoint, so a resumed run sees
+exactly the batches it would have seen.
 
 Corpus: `data.files` globs (.txt/.py files are one document each; .jsonl files one
 document per line's "text" field), or by default the .py files of the running
@@ -72,12 +73,10 @@ def split(documents):
   return train, validation
 
 
-def _pieces(ids, seq_len):
-  """A document's ids cut into examples of at most seq_len inputs (+1 for the targets)."""
+def _example(ids):
+  """A document's token ids -> inputs and next-token targets."""
   ids = np.asarray(ids, np.int32)
-  inputs, targets = ids[:-1], ids[1:]
-  return [{"inputs": inputs[start:start + seq_len], "targets": targets[start:start + seq_len]}
-          for start in range(0, len(inputs), seq_len)]
+  return {"inputs": ids[:-1], "targets": ids[1:]}
 
 
 def _to_row(packed):
@@ -85,38 +84,53 @@ def _to_row(packed):
           "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"]}
 
 
-def make_iterator(documents, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1, repeat: bool = True):
-  """A resumable grain iterator of this host's [batch_size // process_count, seq_len] batches."""
-  if batch_size % process_count:
-    raise ValueError(f"data.batch_size={batch_size} must be a multiple of the {process_count} "
-                     "processes")
+def _row_stream(documents, tokenizer, seq_len, seed, repeat):
+  """One row of every batch: documents shuffled, tokenized, cut and packed into rows."""
   eos = tokenizer.eos_id()
-  tokenize = lambda text: tokenizer.encode(text) + [eos]
   dataset = grain.MapDataset.source(documents).seed(seed).shuffle()
   if repeat:
     dataset = dataset.repeat(None)
-  dataset = dataset[process_index::process_count].map(tokenize)
-  examples = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16))
-  examples = grain.experimental.FlatMapIterDataset(examples, _Pieces(seq_len))
-  packed = grain.experimental.FirstFitPackIterDataset(
-      examples, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=8,
-      seed=seed, shuffle_bins=True)
-  batches = packed.map(_to_row).batch(batch_size // process_count, drop_remainder=repeat)
-  return iter(batches)
+  dataset = dataset.map(lambda text: _example(tokenizer.encode(text) + [eos]))
+  examples = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+  # Documents are concatenated and cut into full rows; a document that continues into
+  # the next row starts there as a new segment at position 0.
+  packed = grain.experimental.ConcatThenSplitIterDataset(
+      examples, length_struct={"inputs": seq_len, "targets": seq_len})
+  return iter(packed.map(_to_row))
 
 
-class _Pieces(grain.experimental.FlatMapTransform):
-  """A tokenized document -> its examples of at most seq_len tokens (see `_pieces`).
+class Batches:
+  """Rows [first_row, first_row + rows) of every global [batch_size, seq_len] batch.
 
-  grain's FlatMapIterDataset checkpoints the parent's state before the document and
-  the index inside it, so a restored iterator re-cuts the same document.
+  Row r of the global batch is its own stream over documents r, r + batch_size, ...,
+  so what a row holds does not depend on how many hosts share the batch: a host
+  builds exactly its rows, and 2 hosts x 4 devices see the data 1 host x 8 devices
+  sees. The state (one grain state per row) is JSON; it goes into every checkpoint
+  through grain's orbax handler (get_state/set_state as bytes).
   """
 
-  max_fan_out = 1 << 20  # only FlatMapMapDataset uses it; documents may be long
+  def __init__(self, documents, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+               first_row: int = 0, rows: int | None = None, repeat: bool = True):
+    rows = batch_size if rows is None else rows
+    if len(documents) < batch_size:
+      raise ValueError(f"data.batch_size={batch_size} is more than the {len(documents)} "
+                       "documents of the corpus; use fewer rows or more data.files")
+    self._streams = [_row_stream(documents[row::batch_size], tokenizer, seq_len, seed + row,
+                                 repeat) for row in range(first_row, first_row + rows)]
 
-  def __init__(self, seq_len):
-    self.seq_len = seq_len
+  def __iter__(self):
+    return self
 
-  def flat_map(self, ids):
-    return _pieces(ids, self.seq_len)
+  def __next__(self) -> dict:
+    rows = [next(stream) for stream in self._streams]
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+  def get_state(self) -> bytes:
+    return json.dumps([stream.get_state() for stream in self._streams]).encode()
+
+  def set_state(self, state: bytes) -> None:
+    for stream, row_state in zip(self._streams, json.loads(state), strict=True):
+      stream.set_state(row_state)
+
+  def start_prefetch(self) -> None:  # part of grain's checkpoint protocol; nothing to start
+    pass

@@ -55,20 +55,14 @@ def param_shardings(state, mesh):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state))
 
 
-def host_rows(sharding: NamedSharding, global_shape) -> tuple[int, int, int]:
-  """Which rows of a [B, ...] global batch this process must supply.
+def host_rows(sharding: NamedSharding, global_shape) -> tuple[int, int]:
+  """(first_row, rows): the rows of a [B, ...] global batch this process's devices hold.
 
-  Processes whose devices hold the same rows (e.g. the sequence axis spans hosts) read
-  the same data. Returns (group, groups, first_row): this process is in `group` of
-  `groups` groups of processes holding distinct, equal row ranges; its range starts
-  at `first_row`. Every process computes the same answer from the global device map.
+  Processes whose devices hold the same rows (e.g. when the sequence axis spans hosts)
+  get the same range and read the same data.
   """
-  rows_by_process = {}
-  for device, index in sharding.devices_indices_map(tuple(global_shape)).items():
-    rows = index[0].indices(global_shape[0])[:2]
-    rows_by_process.setdefault(device.process_index, set()).add(rows)
-  spans = {p: (min(r[0] for r in rows), max(r[1] for r in rows))
-           for p, rows in rows_by_process.items()}
-  distinct = sorted(set(spans.values()))
-  mine = spans[jax.process_index()]
-  return distinct.index(mine), len(distinct), mine[0]
+  spans = [index[0].indices(global_shape[0])[:2] for device, index in
+           sharding.devices_indices_map(tuple(global_shape)).items()
+           if device.process_index == jax.process_index()]
+  first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+  return first, last - first

@@ -43,8 +43,8 @@ def test_tokenizer_is_cached_and_deterministic(corpus, tokenizer, tmp_path):
 
 
 def _batches(documents, tokenizer, count, **kwargs):
-  iterator = pipeline.make_iterator(documents, tokenizer, seq_len=SEQ_LEN, batch_size=BATCH,
-                                    seed=3, **kwargs)
+  iterator = pipeline.Batches(documents, tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, seed=3,
+                              **kwargs)
   return iterator, [next(iterator) for _ in range(count)]
 
 
@@ -57,7 +57,7 @@ def test_rows_are_packed_documents(corpus, tokenizer):
       inputs, targets = batch["inputs"][row], batch["targets"][row]
       segments, positions = batch["segment_ids"][row], batch["positions"][row]
       real = segments > 0
-      assert real.sum() > SEQ_LEN // 2  # packing fills rows
+      assert real.all()  # documents are concatenated and cut: rows are full
       for segment in np.unique(segments[real]):
         where = segments == segment
         np.testing.assert_array_equal(positions[where], np.arange(where.sum()))
@@ -65,18 +65,11 @@ def test_rows_are_packed_documents(corpus, tokenizer):
         np.testing.assert_array_equal(targets[where][:-1], inputs[where][1:])
 
 
-def test_long_documents_are_cut_into_rows():
-  ids = np.arange(300)
-  pieces = pipeline._pieces(ids, SEQ_LEN)
-  assert [len(p["inputs"]) for p in pieces] == [128, 128, 43]
-  np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in pieces]), ids[:-1])
-  np.testing.assert_array_equal(np.concatenate([p["targets"] for p in pieces]), ids[1:])
-
-
 def test_pipeline_is_deterministic_and_resumes_exactly(corpus, tokenizer):
   _, documents = corpus
   iterator, first = _batches(documents, tokenizer, 5)
-  state = json.loads(json.dumps(iterator.get_state()))  # it is plain JSON
+  state = iterator.get_state()
+  assert isinstance(json.loads(state), list)  # plain JSON, one state per row
   after = [next(iterator) for _ in range(3)]
   _, again = _batches(documents, tokenizer, 5)
   for a, b in zip(first, again):
@@ -90,14 +83,15 @@ def test_pipeline_is_deterministic_and_resumes_exactly(corpus, tokenizer):
       np.testing.assert_array_equal(got[key], expected[key])
 
 
-def test_hosts_read_disjoint_documents(corpus, tokenizer):
+def test_hosts_build_exactly_their_rows_of_the_global_batch(corpus, tokenizer):
+  """Two hosts with 2 rows each see what one host with all 4 rows sees."""
   _, documents = corpus
-  rows = []
-  for index in range(2):
-    _, batches = _batches(documents, tokenizer, 2, process_index=index, process_count=2)
-    assert batches[0]["inputs"].shape == (BATCH // 2, SEQ_LEN)
-    rows.append({tuple(r) for b in batches for r in b["inputs"]})
-  assert not rows[0] & rows[1]
+  _, whole = _batches(documents, tokenizer, 3)
+  for first_row in (0, 2):
+    _, part = _batches(documents, tokenizer, 3, first_row=first_row, rows=2)
+    for got, expected in zip(part, whole):
+      for key in got:
+        np.testing.assert_array_equal(got[key], expected[key][first_row:first_row + 2])
 
 
 def test_validation_split_is_held_out(corpus):
