@@ -18,9 +18,9 @@ def get_config():
   config.mesh.sequence = -1          # the rest of the devices form the ring
   config.data.seq_len = 512
   config.data.batch_size = 8
-  config.train.steps = 300
+  config.train.steps = 150
   config.train.lr = 3e-3             # a small model trains well with a large rate
-  config.checkpoint.every = 100
+  config.checkpoint.every = 50
   config.log.every = 10
   config.log.eval_every = 50
   return config
