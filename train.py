@@ -33,6 +33,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("RINGL
                                       "Processes in the job; env RINGLM_NUM_PROCESSES.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("RINGLM_PROCESS_ID", 0)),
                                    "This process' index; env RINGLM_PROCESS_ID.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with the cluster's own "
+                                 "discovery (automatic on TPU VMs and under SLURM).")
 
 # Peak dense bf16 FLOP/s per device, for MFU; CPUs are measured at start-up instead.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -51,12 +54,12 @@ def fail(message: str):
 def start_jax():
   """Distributed start-up (before any other JAX call) and the CPU device count."""
   import jax
-  cluster = any(name in os.environ for name in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                                 "MEGASCALE_COORDINATOR_ADDRESS"))
+  cluster = any(name in os.environ for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+                                                 "TPU_WORKER_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
   if _NUM_PROCESSES.value > 1:
     from parallel.mesh import initialize_distributed
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif cluster:
+  elif _DISTRIBUTED.value or (cluster and int(os.environ.get("SLURM_NTASKS", 2)) > 1):
     jax.distributed.initialize()
   jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   return jax
