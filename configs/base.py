@@ -79,3 +79,19 @@ def get_config():
   config.log.eval_batches = 4        # validation batches per evaluation
   config.log.tensorboard = False     # also write TensorBoard events to <workdir>/tensorboard
   return config
+
+
+def real_size(variant: str, meshes: dict, *, vocab_size, dim, n_layers, n_heads, n_kv_heads,
+              mlp_dim, rope_theta):
+  """A real-size model: bf16 compute on fp32 master weights, full remat, and the
+  variant's (mesh, seq_len, global batch) from `meshes`."""
+  config = get_config()
+  config.model.update(dict(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                           n_kv_heads=n_kv_heads, mlp_dim=mlp_dim, dtype="bfloat16",
+                           param_dtype="float32", remat="full"))
+  config.model.rope.theta = rope_theta
+  mesh, config.data.seq_len, config.data.batch_size = meshes[variant]
+  config.mesh.update(mesh)
+  config.model.max_seq_len = config.data.seq_len
+  config.train.lr = 3e-5
+  return config

@@ -18,14 +18,5 @@ MESHES = {  # variant: (mesh, seq_len, global batch)
 
 
 def get_config(variant="v5p-128"):
-  config = base.get_config()
-  model = config.model
-  model.vocab_size, model.dim, model.n_layers = 128256, 4096, 32
-  model.n_heads, model.n_kv_heads, model.mlp_dim = 32, 8, 14336
-  model.rope.theta = 500_000.0
-  model.dtype, model.param_dtype, model.remat = "bfloat16", "float32", "full"
-  mesh, config.data.seq_len, config.data.batch_size = MESHES[variant]
-  config.mesh.update(mesh)
-  config.model.max_seq_len = config.data.seq_len
-  config.train.lr = 3e-5
-  return config
+  return base.real_size(variant, MESHES, vocab_size=128256, dim=4096, n_layers=32, n_heads=32,
+                        n_kv_heads=8, mlp_dim=14336, rope_theta=500_000.0)

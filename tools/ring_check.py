@@ -98,7 +98,7 @@ def main(argv):
     return float(loss), logits, jax.tree.map(np.asarray, nnx.to_pure_dict(grads)), run_s
 
   tokens_total = batch * seq_len
-  print(f"ringlm demo: {model_config.n_layers} layers, dim {model_config.dim}, "
+  print(f"ringlm ring check: {model_config.n_layers} layers, dim {model_config.dim}, "
         f"{model_config.n_heads} heads ({model_config.n_kv_heads} kv), "
         f"{model_config.param_count() / 1e6:.1f}M params; batch {batch} x {seq_len} tokens; "
         f"{jax.device_count()} {jax.default_backend()} devices", flush=True)

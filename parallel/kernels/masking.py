@@ -106,3 +106,13 @@ def fetch_table(table):
   last = jax.lax.cummax(jnp.where(table, steps, -1), axis=1)
   first = jnp.argmax(table, axis=1).astype(jnp.int32)[:, None]
   return jnp.where(last < 0, first, last)
+
+
+def backward_rows(out, lse, dout):
+  """Per-row inputs of every backward: (lse, delta), both [B, Lq, Hq] float32.
+
+  delta = sum(dout * out) over the head dim (FlashAttention-2). A row that sees no key
+  anywhere has lse = -inf; it becomes +inf, so that row's p = exp(s - lse) is exactly 0.
+  """
+  delta = jnp.einsum("bqhd,bqhd->bqh", dout.astype(jnp.float32), out.astype(jnp.float32))
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse), delta

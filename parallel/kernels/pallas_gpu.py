@@ -218,11 +218,11 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
   bq, bk, group = plan.block_q, plan.block_kv, plan.group
   q_pos, kv_pos, q_seg, kv_seg = plan.tokens
 
-  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
-  # Rows that see no key anywhere have lse = -inf; +inf (also for padding) makes p = 0.
-  lse = jnp.where(lse == NEG_INF, jnp.inf, lse).transpose(0, 2, 1)  # [B, Hq, Lq]
-  lse = jnp.pad(lse, ((0, 0), (0, 0), (0, plan.q_len - q_len)), constant_values=jnp.inf)
-  delta = jnp.pad(delta, ((0, 0), (0, 0), (0, plan.q_len - q_len)))
+  lse, delta = masking.backward_rows(out, lse, dout)
+  # [B, Lq, Hq] -> [B, Hq, Lq_padded]; padding rows get lse = +inf, so p = 0.
+  padding = ((0, 0), (0, 0), (0, plan.q_len - q_len))
+  lse = jnp.pad(lse.transpose(0, 2, 1), padding, constant_values=jnp.inf)
+  delta = jnp.pad(delta.transpose(0, 2, 1), padding)
   operands = (plan.pad(q, plan.q_len), plan.pad(k, plan.kv_len), plan.pad(v, plan.kv_len),
               plan.pad(dout, plan.q_len), lse, delta, q_pos, q_seg, kv_pos, kv_seg)
 

@@ -259,10 +259,8 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
   plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
   bq, bk, group, num_q = plan.block_q, plan.block_kv, plan.group, plan.num_q
 
-  delta = jnp.einsum("bqhd,bqhd->bqh", dout.astype(jnp.float32), out.astype(jnp.float32))
-  # Rows that see no key anywhere have lse = -inf; +inf (also for padding) makes p = 0.
-  lse = plan.lanes(jnp.where(lse == NEG_INF, jnp.inf, lse), jnp.inf)
-  delta = plan.lanes(delta, 0.0)
+  lse, delta = masking.backward_rows(out, lse, dout)
+  lse, delta = plan.lanes(lse, jnp.inf), plan.lanes(delta, 0.0)  # padding rows: p = 0
   q_t, dout_t = plan.heads_first(q, plan.q_len), plan.heads_first(dout, plan.q_len)
   k_t, v_t = plan.heads_first(k, plan.kv_len), plan.heads_first(v, plan.kv_len)
   operands = (q_t, k_t, v_t, dout_t, lse, delta, *plan.tokens)

@@ -177,10 +177,7 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
   each key's exact share and the per-block gradients add up. dout is [B, Lq, Hq, D].
   """
   plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
-  delta = jnp.einsum("bqhd,bqhd->bqh", dout.astype(jnp.float32), out.astype(jnp.float32))
-  # A row with no visible key anywhere has lse = -inf; +inf makes its p exactly 0
-  # (padding rows too).
-  lse = jnp.where(lse == NEG_INF, jnp.inf, lse)
+  lse, delta = masking.backward_rows(out, lse, dout)  # padding rows get lse = +inf too
   q_rows, dout_rows = plan.q_rows(q), plan.q_rows(dout)
   lse_rows, delta_rows = plan.q_rows(lse, jnp.inf), plan.q_rows(delta)  # [B, Hkv, Lq·G]
   k_rows, v_rows = plan.kv_rows(k), plan.kv_rows(v)
