@@ -131,8 +131,9 @@ def make_steps(model_graphdef, tx, grad_accum, state_shardings):
       (loss, count), grad = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
       return (jax.tree.map(jnp.add, grads, grad), loss_sum + loss, tokens + count), None
 
-    # [B, L] -> [grad_accum, B / grad_accum, L]: micro-batches summed, one update.
-    split = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+    # [B, L] -> [grad_accum, B / grad_accum, L], micro-batch m = rows m, m + grad_accum, ...
+    # so every data shard gives each micro-batch its share of rows; gradients summed.
+    split = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, loss_sum, tokens), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), split)
     tokens = jnp.maximum(tokens, 1.0)
@@ -181,10 +182,11 @@ def main(argv):
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     mesh_lib.validate(model_config, mesh, seq_len=config.data.seq_len,
                       batch_size=config.data.batch_size)
-    if config.data.batch_size % (config.train.grad_accum * jax.process_count()):
+    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.data.batch_size % (config.train.grad_accum * data_shards):
       raise ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "
-                        f"train.grad_accum={config.train.grad_accum} x {jax.process_count()} "
-                        "processes")
+                        f"train.grad_accum={config.train.grad_accum} x mesh.data*mesh.fsdp="
+                        f"{data_shards} (every micro-batch is split over the data shards)")
     files = pipeline.corpus_files([p for p in config.data.files.split(",") if p.strip()])
     documents = pipeline.load_documents(files)
   except (ConfigError, FileNotFoundError, ValueError) as error:
@@ -203,7 +205,7 @@ def main(argv):
   if not lead:
     tokenizer = tokenizer_lib.load_or_train(assets, files, lambda: documents,
                                             model_config.vocab_size)
-  # Each group of processes that holds the same rows of the global batch reads them.
+  # A host reads the rows of the global batch its devices hold (parallel/sharding.py).
   global_shape = (config.data.batch_size, config.data.seq_len)
   batch_sharding = sharding.named_sharding(mesh, ("batch", "sequence"))
   first_row, rows = sharding.host_rows(batch_sharding, global_shape)
@@ -276,6 +278,13 @@ def main(argv):
   peak = peak_flops_per_device(jax)
   flops_per_token = model_config.flops_per_token(config.data.seq_len)
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
+  tensorboard = None
+  if lead and config.log.tensorboard:
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:
+      fail("log.tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'")
+    tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
   meta = {"config": resolved}
 
   saved = {"step": start_step if restored else None}
@@ -325,6 +334,11 @@ def main(argv):
         if metrics_file:
           metrics_file.write(json.dumps(record) + "\n")
           metrics_file.flush()
+        if tensorboard:
+          for name, value in record.items():
+            if name != "step":
+              tensorboard.add_scalar(name, float(value), step)
+          tensorboard.flush()
         last_time = time.perf_counter()  # evaluation and logging are not step time
       if step % config.checkpoint.every == 0 and finite:
         save(step)
@@ -337,6 +351,8 @@ def main(argv):
     checkpointer.close()
     if metrics_file:
       metrics_file.close()
+    if tensorboard:
+      tensorboard.close()
 
 
 def parse_flags(argv):

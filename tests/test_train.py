@@ -43,7 +43,8 @@ def uninterrupted(tmp_path_factory):
 
 def test_loss_falls_on_the_real_corpus(tmp_path):
   run_train(str(tmp_path), "--config.train.steps=60", "--config.train.lr=3e-3",
-            "--config.log.eval_every=60")
+            "--config.log.eval_every=60", "--config.log.tensorboard=True",
+            "--config.train.grad_accum=2")
   logged = losses(str(tmp_path))
   first = sum(logged[s] for s in range(2, 6)) / 4
   last = sum(logged[s] for s in range(56, 61)) / 5
@@ -54,6 +55,8 @@ def test_loss_falls_on_the_real_corpus(tmp_path):
               "tflops_per_device", "mfu", "eval_loss", "eval_ppl"):
     assert key in record
   assert 0 < record["mfu"] < 1
+  events = os.listdir(os.path.join(tmp_path, "tensorboard"))
+  assert any(name.startswith("events.out.tfevents") for name in events)
 
 
 def test_resume_after_kill_gives_identical_losses(uninterrupted, tmp_path):
