@@ -139,7 +139,7 @@ def make_steps(model_graphdef, tx, grad_accum, state_shardings):
     tokens = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = loss_sum / tokens
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
