@@ -195,16 +195,14 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
 
   # Tokenizer: process 0 trains (or finds) it; the others wait and load it.
-  assets = os.path.join(workdir, "assets")
-  if lead:
-    tokenizer = tokenizer_lib.load_or_train(assets, files, lambda: documents,
-                                            model_config.vocab_size)
+  load_tokenizer = lambda: tokenizer_lib.load_or_train(
+      os.path.join(workdir, "assets"), files, lambda: documents, model_config.vocab_size)
+  tokenizer = load_tokenizer() if lead else None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tokenizer")
-  if not lead:
-    tokenizer = tokenizer_lib.load_or_train(assets, files, lambda: documents,
-                                            model_config.vocab_size)
+  if tokenizer is None:  # the other processes load what process 0 stored
+    tokenizer = load_tokenizer()
   # A host reads the rows of the global batch its devices hold (parallel/sharding.py).
   global_shape = (config.data.batch_size, config.data.seq_len)
   batch_sharding = sharding.named_sharding(mesh, ("batch", "sequence"))

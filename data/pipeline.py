@@ -43,12 +43,11 @@ def corpus_files(patterns) -> list[str]:
   if not patterns:
     return default_corpus()
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-  files = sorted({f for pattern in patterns for f in glob.glob(os.path.expanduser(pattern),
-                                                               recursive=True)})
-  missing = [p for p in patterns if not glob.glob(os.path.expanduser(p), recursive=True)]
+  matches = {p: glob.glob(os.path.expanduser(p), recursive=True) for p in patterns}
+  missing = [p for p, found in matches.items() if not found]
   if missing:
     raise FileNotFoundError(f"data.files: nothing matches {', '.join(missing)}")
-  return files
+  return sorted({f for found in matches.values() for f in found})
 
 
 def read_documents(path: str) -> list[str]:

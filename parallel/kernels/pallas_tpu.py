@@ -101,8 +101,9 @@ def _dot(a, b, contract_a, contract_b):
                          preferred_element_type=jnp.float32)
 
 
-def _compiler_params(semantics):
-  return pltpu.CompilerParams(dimension_semantics=semantics)
+# Every grid here is (batch, heads, outer blocks, reduction axis).
+_COMPILER_PARAMS = pltpu.CompilerParams(
+    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 def _interpret(interpret):
@@ -181,7 +182,7 @@ def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, blo
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((batch, q_heads, plan.q_len, head_dim), q.dtype),
                  jax.ShapeDtypeStruct((batch, q_heads, plan.q_len, LANES), jnp.float32)],
-      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=_COMPILER_PARAMS,
       interpret=_interpret(interpret),
       name="ringlm_attention_fwd",
   )(plan.table, plan.fetch_kv, plan.heads_first(q, plan.q_len), plan.heads_first(k, plan.kv_len),
@@ -290,7 +291,7 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
       functools.partial(_dkv_kernel, causal=causal, scale=scale, num_q=num_q),
       grid_spec=dkv_spec,
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, k.dtype), jax.ShapeDtypeStruct(v_t.shape, v.dtype)],
-      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=_COMPILER_PARAMS,
       interpret=_interpret(interpret),
       name="ringlm_attention_dkv",
   )(plan.table.T, plan.fetch_q, *operands)
@@ -315,7 +316,7 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
       functools.partial(_dq_kernel, causal=causal, scale=scale),
       grid_spec=dq_spec,
       out_shape=jax.ShapeDtypeStruct(q_t.shape, q.dtype),
-      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=_COMPILER_PARAMS,
       interpret=_interpret(interpret),
       name="ringlm_attention_dq",
   )(plan.table, plan.fetch_kv, *operands)
