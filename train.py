@@ -120,8 +120,10 @@ def make_steps(model_graphdef, tx, grad_accum, state_shardings):
   def loss_fn(params, batch):
     model = nnx.merge(model_graphdef, params)
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    log_probs = jax.nn.log_softmax(logits)
-    token_loss = -jnp.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+    # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: no [B, L, V]
+    # log-probability array is formed, which saves a pass over the logits.
+    target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    token_loss = jax.nn.logsumexp(logits, axis=-1) - target_logits
     real = (batch["segment_ids"] > 0).astype(jnp.float32)
     return (token_loss * real).sum(), real.sum()
 
@@ -142,7 +144,10 @@ def make_steps(model_graphdef, tx, grad_accum, state_shardings):
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A step is applied only when its loss, gradients and resulting parameters are all
+    # finite (a huge learning rate can overflow the update of finite gradients).
+    params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     return (keep(new_params, params), keep(new_opt_state, opt_state),
             {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": tokens})
@@ -305,9 +310,6 @@ def main(argv):
       finite = bool(stats["finite"])
       bad_steps = 0 if finite else bad_steps + 1
       skipped_total += not finite
-      if bad_steps >= config.train.max_bad_steps:
-        fail(f"{bad_steps} steps in a row had a non-finite loss or gradient (last: step {step});"
-             " lower train.lr or check the data. No checkpoint of this state was written.")
       progress.update(1)
       progress.set_postfix(loss=f"{float(stats['loss']):.3f}")
       first = step == start_step + 1  # its time includes compilation
@@ -330,7 +332,9 @@ def main(argv):
           if eval_loss is not None:
             record.update(eval_loss=eval_loss, eval_ppl=float(np.exp(eval_loss)))
         if metrics_file:
-          metrics_file.write(json.dumps(record) + "\n")
+          finite_only = {k: v if not isinstance(v, float) or np.isfinite(v) else None
+                         for k, v in record.items()}  # strict JSON: NaN/inf as null
+          metrics_file.write(json.dumps(finite_only) + "\n")
           metrics_file.flush()
         if tensorboard:
           for name, value in record.items():
@@ -338,6 +342,10 @@ def main(argv):
               tensorboard.add_scalar(name, float(value), step)
           tensorboard.flush()
         last_time = time.perf_counter()  # evaluation and logging are not step time
+      if bad_steps >= config.train.max_bad_steps:
+        fail(f"{bad_steps} steps in a row had a non-finite loss, gradient or update (last: step "
+             f"{step});"
+             " lower train.lr or check the data. No checkpoint of this state was written.")
       if step % config.checkpoint.every == 0 and finite:
         save(step)
     save(step)

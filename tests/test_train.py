@@ -165,3 +165,25 @@ def test_a_non_finite_step_is_not_applied(single_device_mesh):
     assert bool(stats["finite"])
   assert not np.array_equal(before[0]["lm_head"], np.asarray(params["lm_head"]))
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+
+
+def test_diverging_run_stops_after_max_bad_steps(tmp_path):
+  """A learning rate of 1e30 blows the parameters up after the warmup step: the
+  following steps are non-finite, skipped and counted; after train.max_bad_steps in a
+  row the run stops with one message, and no checkpoint after the last good step."""
+  workdir = str(tmp_path / "run")
+  result = run_train(workdir, "--config.train.lr=1e30", "--config.train.warmup_steps=1",
+                     "--config.train.steps=20", "--config.checkpoint.every=1",
+                     "--config.train.max_bad_steps=3", check=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "3 steps in a row had a non-finite loss, gradient or update" in result.stderr
+  assert "Traceback" not in result.stderr
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  skipped = [r["skipped_steps"] for r in records]
+  assert skipped[-1] == 3 and skipped == sorted(skipped)
+  last_step = records[-1]["step"]
+  good_steps = last_step - 3
+  saved = sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if name.isdigit())
+  assert saved and max(saved) <= good_steps, (saved, last_step)
