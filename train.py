@@ -80,8 +80,9 @@ def check_workdir(workdir: str, model_dict: dict):
   """Refuses a workdir whose saved model shape differs from this config's."""
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)["model"]
+    from model.config import ModelConfig
+    with open(path) as f:  # fields a config lacks take their defaults
+      saved = ModelConfig.from_dict(json.load(f)["model"]).to_dict()
     changed = sorted(k for k in set(saved) | set(model_dict)
                      if k not in ("dtype", "param_dtype", "remat", "rope", "max_seq_len")
                      and saved.get(k) != model_dict.get(k))

@@ -21,6 +21,7 @@ def get_config():
   config.model.mlp_dim = 768         # SwiGLU hidden size
   config.model.norm_eps = 1e-5
   config.model.tie_embeddings = False
+  config.model.qkv_bias = False      # biases on q, k, v projections (Qwen2)
   config.model.max_seq_len = 4096    # longest context the model is meant to serve
   config.model.dtype = "float32"     # compute dtype (bfloat16 on TPU/GPU)
   config.model.param_dtype = "float32"  # master weights
@@ -29,9 +30,17 @@ def get_config():
   config.model.rope = ml_collections.ConfigDict()
   config.model.rope.theta = 10_000.0
   config.model.rope.scaling = ml_collections.ConfigDict()
-  config.model.rope.scaling.type = "none"  # none | linear
+  # Context extension (model/config.py RopeScaling): none | linear (position
+  # interpolation) | ntk | dynamic | yarn | llama3; or raise rope.theta (LWM).
+  config.model.rope.scaling.type = "none"
   config.model.rope.scaling.factor = 1.0
-  config.model.rope.scaling.original_max_len = 0
+  config.model.rope.scaling.original_max_len = 0  # trained context (dynamic, yarn, llama3)
+  config.model.rope.scaling.low_freq_factor = 1.0   # llama3
+  config.model.rope.scaling.high_freq_factor = 4.0  # llama3
+  config.model.rope.scaling.beta_fast = 32.0        # yarn
+  config.model.rope.scaling.beta_slow = 1.0         # yarn
+  config.model.rope.scaling.attention_factor = 0.0  # yarn: 0 = 0.1 ln(factor) + 1
+  config.model.rope.scaling.truncate = True         # yarn
 
   # --- attention kernels (parallel/kernels/) ---
   config.attention = ml_collections.ConfigDict()

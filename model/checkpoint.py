@@ -116,6 +116,26 @@ def find_step_dir(path: str) -> str:
   raise FileNotFoundError(f"no checkpoint in {path}")
 
 
+def save_params(step_dir: str, params, meta: dict) -> None:
+  """A parameter-only checkpoint step (params + meta with checksums), written synchronously.
+
+  `params` may hold NumPy or JAX arrays; load_params and train.py's init_from read it.
+  """
+  meta = dict(meta, checksums={"params": checksums(params)})
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  checkpointer.save(os.path.abspath(step_dir), args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+  checkpointer.close()
+
+
+def load_meta(path: str) -> tuple[str, dict]:
+  """(step directory, meta JSON) of the newest checkpoint under `path`, parameters unread."""
+  step_dir = find_step_dir(path)
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  restored = checkpointer.restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  return step_dir, restored["meta"]
+
+
 def load_params(path: str, params_target):
   """Parameters only, from a workdir / checkpoints dir / step dir, onto the target shardings.
 

@@ -12,19 +12,60 @@ class ConfigError(ValueError):
   """A configuration value that cannot work; the message names the field and a fix."""
 
 
+SCALING_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """How RoPE is stretched for context extension (the context-extension issue fills
-  in every type; `none` is plain RoPE)."""
+  """How RoPE is stretched for context extension (model/rope.py has the formulas).
+
+  none     plain RoPE
+  linear   position interpolation: positions / factor
+  ntk      NTK-aware: base x factor^(d / (d - 2)), fixed
+  dynamic  NTK with the factor taken from the current length (max position + 1)
+           once it exceeds original_max_len
+  yarn     NTK-by-parts between beta_fast and beta_slow rotations, cos/sin scaled by
+           attention_factor (0: 0.1 ln(factor) + 1)
+  llama3   Llama 3.1: low frequencies / factor, high kept, a smooth ramp between
+           (low_freq_factor, high_freq_factor, original_max_len)
+  """
   type: str = "none"
   factor: float = 1.0
-  original_max_len: int = 0
+  original_max_len: int = 0       # the pre-extension context (dynamic, yarn, llama3)
+  low_freq_factor: float = 1.0    # llama3
+  high_freq_factor: float = 4.0   # llama3
+  beta_fast: float = 32.0         # yarn
+  beta_slow: float = 1.0          # yarn
+  attention_factor: float = 0.0   # yarn: cos/sin scale; 0 derives it from factor
+  truncate: bool = True           # yarn: round the correction range to whole dimensions
+
+  def __post_init__(self):
+    field = "model.rope.scaling"
+    if self.type not in SCALING_TYPES:
+      raise ConfigError(f"{field}.type={self.type!r} does not exist; use one of "
+                        f"{', '.join(SCALING_TYPES)}")
+    if not self.factor > 0:
+      raise ConfigError(f"{field}.factor={self.factor} must be > 0 (e.g. new length / old "
+                        "length for position interpolation)")
+    if self.type in ("dynamic", "yarn", "llama3") and self.original_max_len <= 0:
+      raise ConfigError(f"{field}.type={self.type} needs {field}.original_max_len > 0: the "
+                        "context length the model was trained at")
+    if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+      raise ConfigError(f"{field}.high_freq_factor={self.high_freq_factor} must exceed "
+                        f"{field}.low_freq_factor={self.low_freq_factor} > 0")
+    if self.type == "yarn" and self.attention_factor < 0:
+      raise ConfigError(f"{field}.attention_factor={self.attention_factor} must be >= 0 "
+                        "(0: derived from the factor)")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-  theta: float = 10_000.0
+  theta: float = 10_000.0       # the base wavelength; raising it is LWM's extension recipe
   scaling: RopeScaling = RopeScaling()
+
+  def __post_init__(self):
+    if not self.theta > 1:
+      raise ConfigError(f"model.rope.theta={self.theta} must be > 1 (e.g. 10000, 500000)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +87,7 @@ class ModelConfig:
   mlp_dim: int = 768         # SwiGLU hidden size
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
+  qkv_bias: bool = False     # biases on the q, k, v projections (Qwen2)
   max_seq_len: int = 4096    # longest context the model is meant to serve
   rope: RopeConfig = RopeConfig()
   dtype: str = "float32"        # compute dtype of activations and matmuls
@@ -78,7 +120,8 @@ class ModelConfig:
   def param_count(self, include_embeddings: bool = True) -> int:
     attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
     mlp = 3 * self.dim * self.mlp_dim
-    per_layer = attn + mlp + 2 * self.dim
+    bias = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim if self.qkv_bias else 0
+    per_layer = attn + bias + mlp + 2 * self.dim
     total = self.n_layers * per_layer + self.dim
     if include_embeddings:
       total += self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)

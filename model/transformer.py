@@ -29,6 +29,10 @@ def _param(rngs, shape, logical_axes, config: ModelConfig, std=None):
   return nnx.Param(init.astype(config.param_dtype), logical_axes=logical_axes)
 
 
+def _zeros(shape, logical_axes, config: ModelConfig):
+  return nnx.Param(jnp.zeros(shape, config.param_dtype), logical_axes=logical_axes)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, config: ModelConfig):
@@ -51,6 +55,10 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), config)
     self.wv = _param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), config)
     self.wo = _param(rngs, (heads, head_dim, dim), ("heads", "head_dim", "embed"), config)
+    if config.qkv_bias:  # Qwen2
+      self.bq = _zeros((heads, head_dim), ("heads", "head_dim"), config)
+      self.bk = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), config)
+      self.bv = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), config)
 
   def __call__(self, x, cos, sin, positions, segment_ids):
     dtype = self.config.dtype
@@ -58,6 +66,8 @@ class Attention(nnx.Module):
     q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
     k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
     v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
+    if self.config.qkv_bias:
+      q, k, v = (y + b[...].astype(dtype) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     q = sharding.constrain(rope.apply_rotary(q, cos, sin), self.mesh,
                            ("batch", "sequence", "heads", "head_dim"))
     k = sharding.constrain(rope.apply_rotary(k, cos, sin), self.mesh,
@@ -167,3 +177,25 @@ def create(config: ModelConfig, mesh, seed: int = 0,
   shardings = sharding.param_shardings(abstract_state, mesh)
   state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
   return nnx.merge(graphdef, state)
+
+
+def load(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
+         **model_overrides) -> tuple[Transformer, dict]:
+  """(model, checkpoint meta) from a run directory or checkpoint step (training runs and
+  converted Hugging Face models alike), parameters placed straight onto `mesh`.
+
+  The model's shape comes from the checkpoint's saved config; `model_overrides`
+  replace fields that do not change the parameters (rope, max_seq_len, dtype, remat).
+  """
+  import dataclasses
+
+  from model import checkpoint
+  step_dir, meta = checkpoint.load_meta(path)
+  config = dataclasses.replace(ModelConfig.from_dict(meta["config"]["model"]), **model_overrides)
+  make = lambda: Transformer(config, mesh, attention, rngs=nnx.Rngs(0))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+  shardings = nnx.to_pure_dict(sharding.param_shardings(abstract_state, mesh))
+  targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         nnx.to_pure_dict(abstract_state), shardings)
+  params, meta = checkpoint.load_params(step_dir, targets)
+  return nnx.merge(graphdef, params), meta
