@@ -163,27 +163,28 @@ def make_steps(model_graphdef, tx, grad_accum, state_shardings):
 
 # --------------------------------------------------------------------------- main
 
-def main(argv):
-  del argv
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  try:
-    config.keys()
-  except (OSError, AttributeError, ValueError) as error:
-    fail(f"--config: {error}")
-  jax = start_jax()
+def train(config, workdir: str, named: set[str]) -> bool:
+  """One training run in `workdir` (resumed if it has checkpoints). `named`: the config
+  fields the command line set. Returns True when a signal stopped it early."""
+  import jax
   import numpy as np
   from flax import nnx
   from tqdm import tqdm
 
   from data import pipeline, tokenizer as tokenizer_lib
   from model import checkpoint as ckpt_lib, transformer
+  from configs import inherit
   from model.config import AttentionConfig, ConfigError, ModelConfig
   from parallel import layout, mesh as mesh_lib, sharding
 
   logging.getLogger("absl").setLevel(logging.WARNING)
   lead = jax.process_index() == 0
   try:
-    model_config = ModelConfig.from_dict(config.model.to_dict())
+    model_dict, data_files, init_dir = config.model.to_dict(), config.data.files, None
+    if config.init_from:
+      init_dir, init_meta = ckpt_lib.load_meta(config.init_from)
+      model_dict, data_files = inherit.extension_settings(config, init_meta["config"], named)
+    model_config = ModelConfig.from_dict(model_dict)
     attention = AttentionConfig(**config.attention.to_dict())
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     mesh_lib.validate(model_config, mesh, seq_len=config.data.seq_len,
@@ -193,16 +194,29 @@ def main(argv):
       raise ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "
                         f"train.grad_accum={config.train.grad_accum} x mesh.data*mesh.fsdp="
                         f"{data_shards} (every micro-batch is split over the data shards)")
-    files = pipeline.corpus_files([p for p in config.data.files.split(",") if p.strip()])
+    if not 0 <= config.data.passkey_fraction < 1:
+      raise ConfigError(f"data.passkey_fraction={config.data.passkey_fraction} must be in "
+                        "[0, 1): the share of passkey documents added to the training data")
+    files = pipeline.corpus_files([p for p in data_files.split(",") if p.strip()])
     documents = pipeline.load_documents(files)
-  except (ConfigError, FileNotFoundError, ValueError) as error:
+  except FileNotFoundError as error:
+    fail(f"init_from: {error}" if config.init_from and init_dir is None else str(error))
+  except (ConfigError, ValueError) as error:
     fail(str(error))
   check_workdir(workdir, model_config.to_dict())
   os.makedirs(workdir, exist_ok=True)
 
   # Tokenizer: process 0 trains (or finds) it; the others wait and load it.
-  load_tokenizer = lambda: tokenizer_lib.load_or_train(
-      os.path.join(workdir, "assets"), files, lambda: documents, model_config.vocab_size)
+  # Extending a model: its own tokenizer, copied into this run's assets.
+  assets = os.path.join(workdir, "assets")
+  if init_dir:
+    load_tokenizer = lambda: tokenizer_lib.load(
+        assets, (init_meta["config"].get("hf") or {}).get("eos_token_id"))
+    if lead:
+      copy_assets(os.path.join(ckpt_lib.run_dir(init_dir), "assets"), assets)
+  else:
+    load_tokenizer = lambda: tokenizer_lib.load_or_train(
+        assets, files, lambda: documents, model_config.vocab_size)
   tokenizer = load_tokenizer() if lead else None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -214,6 +228,12 @@ def main(argv):
   batch_sharding = sharding.named_sharding(mesh, ("batch", "sequence"))
   first_row, rows = sharding.host_rows(batch_sharding, global_shape)
   train_docs, validation_docs = pipeline.split(documents)
+  if config.data.passkey_fraction > 0:  # synthetic passkey documents teach retrieval
+    from data import passkey
+    per_filler = len(tokenizer.encode(passkey.FILLER))
+    train_docs = train_docs + passkey.training_documents(
+        round(config.data.passkey_fraction * len(train_docs)),
+        max_fillers=max(1, (config.data.seq_len - 100) // per_filler), seed=config.seed)
   data_options = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                       first_row=first_row, rows=rows)
   try:
@@ -244,12 +264,15 @@ def main(argv):
       print(f"resumed from step {start_step}", flush=True)
   elif config.init_from:
     try:
-      params, meta = ckpt_lib.load_params(config.init_from, abstract(params))
+      params, meta = ckpt_lib.load_params(init_dir, abstract(params))
     except FileNotFoundError as error:
       fail(f"init_from: {error}")
     if lead:
       print(f"initialised parameters from {config.init_from} (step {meta['step']})", flush=True)
-  resolved = dict(config.to_dict(), model=model_config.to_dict())  # head_dim etc. filled in
+  resolved = dict(config.to_dict(), model=model_config.to_dict(),  # head_dim etc. filled in
+                  data=dict(config.data.to_dict(), files=data_files))
+  if init_dir and init_meta["config"].get("hf"):
+    resolved["hf"] = init_meta["config"]["hf"]
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2, default=str)
@@ -353,6 +376,7 @@ def main(argv):
     if stop["signal"] is not None and lead:
       print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, re-run to "
             "resume", flush=True)
+    return stop["signal"] is not None
   finally:
     progress.close()
     checkpointer.close()
@@ -360,6 +384,69 @@ def main(argv):
       metrics_file.close()
     if tensorboard:
       tensorboard.close()
+
+
+def main(argv):
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    config.keys()
+  except (OSError, AttributeError, ValueError) as error:
+    fail(f"--config: {error}")
+  start_jax()
+  from configs import inherit
+  named = inherit.named_fields(sys.argv)  # (absl has consumed them from argv)
+  if not config.get("stages"):
+    train(config, workdir, named)
+    return
+  # A progressive schedule: stage i trains in <workdir>/stage-i from stage i-1's result.
+  for index, overrides in enumerate(config.stages):
+    stage_dir = os.path.join(workdir, f"stage-{index}")
+    stage = stage_config(config, overrides, init_from=(
+        os.path.join(workdir, f"stage-{index - 1}") if index else config.init_from))
+    if newest_step(stage_dir) >= stage.train.steps:
+      print(f"stage {index}: done ({stage_dir})", flush=True)
+      continue
+    print(f"stage {index}: {', '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
+    if train(stage, stage_dir, named | set(overrides)):
+      return  # stopped by a signal: re-running continues this stage
+
+
+def copy_assets(source: str, target: str):
+  """The tokenizer files of the run or converted model being extended."""
+  import shutil
+  os.makedirs(target, exist_ok=True)
+  for name in sorted(os.listdir(source)) if os.path.isdir(source) else ():
+    if not os.path.exists(os.path.join(target, name)):
+      shutil.copy2(os.path.join(source, name), target)
+
+
+def stage_config(config, overrides: dict, init_from: str):
+  """The config of one stage of a progressive schedule: `overrides` maps dotted fields
+  ("data.seq_len", "model.rope.theta", "train.steps", ...) to this stage's values."""
+  import ml_collections
+  stage = ml_collections.ConfigDict(config.to_dict())
+  stage.stages = ()
+  stage.init_from = init_from
+  for field, value in overrides.items():
+    *parents, last = field.split(".")
+    node = stage
+    try:
+      for key in parents:
+        node = node[key]
+      if last not in node:
+        raise KeyError(field)
+      node[last] = type(node[last])(value) if isinstance(node[last], (int, float)) else value
+    except (KeyError, TypeError, ValueError):
+      fail(f"stages: {field}={value!r} is not a config field (or not of its type)")
+  return stage
+
+
+def newest_step(workdir: str) -> int:
+  """The newest checkpoint step in a run directory, -1 when it has none."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] \
+      if os.path.isdir(directory) else []
+  return max(steps, default=-1)
 
 
 def parse_flags(argv):

@@ -60,6 +60,8 @@ def get_config():
   config.data.files = ""             # comma-separated globs (.txt/.py/.jsonl); "": the stdlib's .py
   config.data.seq_len = 2048         # tokens per row; a multiple of 2*mesh.sequence
   config.data.batch_size = 8         # global rows per step (all hosts together)
+  config.data.passkey_fraction = 0.0  # add this share of synthetic passkey documents
+                                      # (data/passkey.py) to the training data
 
   # --- training (train.py) ---
   steps = ml_collections.FieldReference(1000)
@@ -74,7 +76,12 @@ def get_config():
   config.train.grad_clip = 1.0       # global-norm clipping
   config.train.grad_accum = 1        # micro-batches per step (each data.batch_size / grad_accum rows)
   config.train.max_bad_steps = 5     # stop after this many non-finite steps in a row
-  config.init_from = ""              # workdir or checkpoint to load parameters from (not optimizer)
+  config.init_from = ""              # workdir or checkpoint to load parameters from (not optimizer);
+                                     # the model's shape, data files and tokenizer come with it
+  # Progressive schedule: a tuple of stages, each a dict of dotted fields to override
+  # ({"data.seq_len": 4096, "model.rope.theta": 1e6, "train.steps": 100}); stage i trains
+  # in <workdir>/stage-i from stage i-1's result (configs/progressive.py).
+  config.stages = ()
 
   # --- checkpoints (orbax, <workdir>/checkpoints) ---
   config.checkpoint = ml_collections.ConfigDict()

@@ -28,6 +28,7 @@ SETTINGS = dict(model_type="bpe", byte_fallback=True, split_digits=True,
                 num_threads=2)
 SAMPLE_LINES = 200_000  # lines sampled for training; enough for an 8K-32K vocabulary
 VERSION = 1             # bump when SETTINGS or the sampling change
+INFO = "tokenizer_fingerprint.json"  # what the stored model was trained on
 
 
 def _fingerprint(files, vocab_size) -> str:
@@ -52,7 +53,7 @@ def load_or_train(assets_dir: str, files: list[str], documents, vocab_size: int)
   called when training is needed).
   """
   model_path = os.path.join(assets_dir, "tokenizer.model")
-  info_path = os.path.join(assets_dir, "tokenizer.json")
+  info_path = os.path.join(assets_dir, INFO)
   fingerprint = _fingerprint(files, vocab_size)
   if os.path.exists(model_path) and os.path.exists(info_path):
     with open(info_path) as f:
@@ -71,3 +72,37 @@ def load_or_train(assets_dir: str, files: list[str], documents, vocab_size: int)
   with open(info_path, "w") as f:
     json.dump({"fingerprint": fingerprint, "vocab_size": vocab_size, "files": len(files)}, f)
   return spm.SentencePieceProcessor(model_file=model_path)
+
+
+class _HuggingFaceTokenizer:
+  """A `tokenizer.json` (the `tokenizers` library, installed with transformers) with the
+  sentencepiece methods the pipeline and the tools use."""
+
+  def __init__(self, path: str, eos_id: int | None):
+    from tokenizers import Tokenizer
+    self._tokenizer, self._eos_id = Tokenizer.from_file(path), eos_id
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+  def eos_id(self) -> int:
+    return -1 if self._eos_id is None else self._eos_id
+
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size()
+
+
+def load(assets_dir: str, eos_id: int | None = None):
+  """The tokenizer stored with a run or a converted model: `tokenizer.model`
+  (sentencepiece: ringlm's own, Llama 2, Mistral) or else `tokenizer.json` (Hugging
+  Face fast tokenizers: Llama 3, Qwen2; `eos_id` from the model's config)."""
+  model_path = os.path.join(assets_dir, "tokenizer.model")
+  if os.path.exists(model_path):
+    return spm.SentencePieceProcessor(model_file=model_path)
+  json_path = os.path.join(assets_dir, "tokenizer.json")
+  if os.path.exists(json_path):
+    return _HuggingFaceTokenizer(json_path, eos_id)
+  raise FileNotFoundError(f"no tokenizer (tokenizer.model or tokenizer.json) in {assets_dir}")

@@ -116,6 +116,11 @@ def find_step_dir(path: str) -> str:
   raise FileNotFoundError(f"no checkpoint in {path}")
 
 
+def run_dir(step_dir: str) -> str:
+  """The run directory (workdir) that holds a checkpoint step: <run>/checkpoints/<step>."""
+  return os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+
+
 def save_params(step_dir: str, params, meta: dict) -> None:
   """A parameter-only checkpoint step (params + meta with checksums), written synchronously.
 

@@ -105,6 +105,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> dict:
 
   resolved = base.get_config().to_dict()
   resolved["model"] = model_config.to_dict()
+  resolved["data"]["seq_len"] = model_config.max_seq_len  # the context it was trained at
   resolved["hf"] = origin
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
@@ -152,8 +153,7 @@ def to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30) -
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
     # the run's assets: next to checkpoints/ in a workdir
-    workdir = os.path.dirname(os.path.dirname(step_dir))
-    _copy_tokenizer(os.path.join(workdir, "assets"), tmp)
+    _copy_tokenizer(os.path.join(checkpoint.run_dir(step_dir), "assets"), tmp)
     os.rename(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

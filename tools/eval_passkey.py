@@ -1,0 +1,178 @@
+"""Passkey retrieval over a grid of prompt lengths x key depths.
+
+  python -m tools.eval_passkey --checkpoint=DIR --lengths=256,512,1024 \\
+      [--depths=0,0.25,0.5,0.75,1] [--trials=10] [--config.model.rope.scaling...]
+
+The Landmark / Position Interpolation template (data/passkey.py): filler, "The pass
+key is NNNNN. Remember it. NNNNN is the pass key.", more filler, "What is the pass
+key? The pass key is". Keys come from a fixed seed. Each prompt is exactly the given
+length in tokens (the model reads the prompt and all but the last answer token).
+Scoring is greedy and teacher-forced: a trial
+succeeds when the argmax at every answer position is the key's next token, which is
+exactly when greedy decoding would generate the key. Reports accuracy per cell and
+k_max as the PI paper defines it: the largest length such that at every length up to
+it accuracy is at least --threshold (20%). Writes JSON and a heatmap PNG; the last
+stdout line is the JSON summary.
+"""
+
+import json
+import os
+import random
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import base
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
+_LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024"], "Prompt lengths in tokens.")
+_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"],
+                            "Depths of the key in the filler (0 = start, 1 = end).")
+_TRIALS = flags.DEFINE_integer("trials", 10, "Keys per (length, depth) cell.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the keys.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.2, "Accuracy that counts for k_max.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts per forward pass.")
+_OUT = flags.DEFINE_string("out", "", "JSON path (default: <run>/eval/passkey.json; the PNG "
+                           "heatmap goes next to it).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+_CONFIG = config_flags.DEFINE_config_dict("config", base.get_config(),
+                                          "Overrides of the checkpoint's config.")
+
+
+def fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def prompt_ids(tokenizer, key: str, length: int, depth: float) -> tuple[list[int], int]:
+  """(token ids of prompt + answer, `length` + 1 of them so that the model reads
+  exactly `length`; index of the first answer token). Filler lines fill the length; a
+  partial filler line tops it up."""
+  from data import passkey
+  encode = tokenizer.encode
+  intro, filler = encode(passkey.INTRO), encode(passkey.FILLER)
+  key_ids, question, answer = (encode(passkey.key_sentence(key)), encode(passkey.QUESTION),
+                               encode(" " + key))
+  fixed = len(intro) + len(key_ids) + len(question) + len(answer)
+  fillers, partial = divmod(length + 1 - fixed, len(filler))
+  if fillers < 1:
+    raise ValueError(f"--lengths: {length} tokens cannot hold the passkey prompt; use at "
+                     f"least {fixed + len(filler)}")
+  before = round(depth * fillers)
+  ids = (intro + filler[len(filler) - partial:] + filler * before + key_ids
+         + filler * (fillers - before) + question)
+  return ids + answer, len(ids)
+
+
+def k_max(lengths, accuracy_by_length, threshold):
+  best = 0
+  for length in sorted(lengths):
+    if accuracy_by_length[length] < threshold:
+      break
+    best = length
+  return best
+
+
+def heatmap(cells, lengths, depths, path, title):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  grid = np.array([[cells[(length, depth)] for length in lengths] for depth in depths])
+  figure, axis = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.6 * len(depths) + 1.6))
+  image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+  axis.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+  axis.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+  axis.set_xlabel("prompt length (tokens)")
+  axis.set_ylabel("key depth")
+  for (row, column), value in np.ndenumerate(grid):
+    axis.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=8)
+  axis.set_title(title, fontsize=9)
+  figure.colorbar(image, ax=axis, label="accuracy")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def main(argv):
+  del argv
+  import jax
+  jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  import logging
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  import numpy as np
+  from tqdm import tqdm
+
+  from configs import inherit
+  from data import passkey
+  from model import checkpoint as ckpt_lib
+  from model.config import ConfigError
+  from parallel import mesh as mesh_lib
+  from tools import evaluation
+
+  named = inherit.named_fields(sys.argv)
+  try:
+    lengths = sorted({int(x) for x in _LENGTHS.value})
+    depths = sorted({float(x) for x in _DEPTHS.value})
+  except ValueError:
+    fail("--lengths takes integers and --depths numbers in [0, 1]")
+  if not all(0 <= d <= 1 for d in depths):
+    fail(f"--depths={','.join(_DEPTHS.value)}: depths lie in [0, 1]")
+  try:
+    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(_CONFIG.value, named))
+    model, tokenizer, _, _ = evaluation.load(_CHECKPOINT.value, _CONFIG.value, named, mesh,
+                                             max(lengths))
+    for length in lengths:
+      mesh_lib.validate(model.config, mesh, seq_len=length)
+  except FileNotFoundError as error:
+    fail(f"--checkpoint: {error}" if "checkpoint" in str(error) else str(error))
+  except (ConfigError, ValueError) as error:
+    fail(str(error))
+  scorer = evaluation.Scorer(model, mesh)
+  rng = random.Random(_SEED.value)
+  keys = [passkey.random_key(rng) for _ in range(_TRIALS.value)]
+  cells = {}
+  for length in tqdm(lengths, desc="eval_passkey", disable=None):
+    prompts = []
+    try:
+      for depth in depths:
+        prompts += [(depth, *prompt_ids(tokenizer, key, length, depth)) for key in keys]
+    except ValueError as error:
+      fail(str(error))
+    correct = {depth: 0 for depth in depths}
+    for begin in range(0, len(prompts), _BATCH.value):
+      chunk = prompts[begin:begin + _BATCH.value]
+      rows = np.array([ids for _, ids, _ in chunk], np.int32)
+      _, predictions = scorer(rows[:, :-1], rows[:, 1:])
+      for (depth, ids, answer_start), predicted in zip(chunk, predictions):
+        # the answer token at index i is predicted at position i - 1
+        answer = slice(answer_start - 1, len(ids) - 1)
+        correct[depth] += bool(np.array_equal(predicted[answer], ids[answer_start:]))
+    for depth in depths:
+      cells[(length, depth)] = correct[depth] / len(keys)
+  by_length = {length: float(np.mean([cells[(length, d)] for d in depths])) for length in lengths}
+  summary = {"k_max": k_max(lengths, by_length, _THRESHOLD.value), "threshold": _THRESHOLD.value,
+             "accuracy_by_length": {str(k): v for k, v in by_length.items()},
+             "cells": [{"length": length, "depth": depth, "accuracy": cells[(length, depth)]}
+                       for length in lengths for depth in depths],
+             "trials": len(keys), "checkpoint": _CHECKPOINT.value}
+  print(f"{'depth':>6} " + " ".join(f"{length:>7}" for length in lengths))
+  for depth in depths:
+    print(f"{depth:>6g} " + " ".join(f"{cells[(length, depth)]:>7.0%}" for length in lengths))
+  print(f"{'all':>6} " + " ".join(f"{by_length[length]:>7.0%}" for length in lengths))
+  print(f"k_max = {summary['k_max']} (accuracy >= {_THRESHOLD.value:.0%} at every length up to it)")
+  step_dir = ckpt_lib.find_step_dir(_CHECKPOINT.value)
+  out = _OUT.value or os.path.join(ckpt_lib.run_dir(step_dir), "eval", "passkey.json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(summary, f, indent=2)
+  heatmap(cells, lengths, depths, os.path.splitext(out)[0] + ".png",
+          f"passkey retrieval, k_max={summary['k_max']}")
+  print(f"wrote {out} and {os.path.splitext(out)[0]}.png")
+  print(json.dumps({"k_max": summary["k_max"], "accuracy_by_length": summary["accuracy_by_length"]}))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["checkpoint"])
+  app.run(main)
