@@ -196,7 +196,7 @@ def train(config, workdir: str, named: set[str]) -> bool:
                         f"{data_shards} (every micro-batch is split over the data shards)")
     if not 0 <= config.data.passkey_fraction < 1:
       raise ConfigError(f"data.passkey_fraction={config.data.passkey_fraction} must be in "
-                        "[0, 1): the share of passkey documents added to the training data")
+                        "[0, 1): the share of the training documents that are passkey documents")
     files = pipeline.corpus_files([p for p in data_files.split(",") if p.strip()])
     documents = pipeline.load_documents(files)
   except FileNotFoundError as error:
@@ -231,8 +231,9 @@ def train(config, workdir: str, named: set[str]) -> bool:
   if config.data.passkey_fraction > 0:  # synthetic passkey documents teach retrieval
     from data import passkey
     per_filler = len(tokenizer.encode(passkey.FILLER))
+    share = config.data.passkey_fraction  # of the training documents, after adding them
     train_docs = train_docs + passkey.training_documents(
-        round(config.data.passkey_fraction * len(train_docs)),
+        round(share / (1 - share) * len(train_docs)),
         max_fillers=max(1, (config.data.seq_len - 100) // per_filler), seed=config.seed)
   data_options = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                       first_row=first_row, rows=rows)

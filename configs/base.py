@@ -60,8 +60,8 @@ def get_config():
   config.data.files = ""             # comma-separated globs (.txt/.py/.jsonl); "": the stdlib's .py
   config.data.seq_len = 2048         # tokens per row; a multiple of 2*mesh.sequence
   config.data.batch_size = 8         # global rows per step (all hosts together)
-  config.data.passkey_fraction = 0.0  # add this share of synthetic passkey documents
-                                      # (data/passkey.py) to the training data
+  config.data.passkey_fraction = 0.0  # share of the training documents that are synthetic
+                                      # passkey documents (data/passkey.py); [0, 1)
 
   # --- training (train.py) ---
   steps = ml_collections.FieldReference(1000)

@@ -16,6 +16,7 @@ from configs import extend
 def get_config():
   config = extend.get_config()
   config.model.rope.scaling.type = "none"  # theta scaling rather than interpolation
+  config.model.rope.scaling.factor = 1.0
   config.train.lr = 1e-4
   config.train.warmup_steps = 10
   config.checkpoint.every = 50

@@ -44,7 +44,7 @@ class RopeScaling:
     if self.type not in SCALING_TYPES:
       raise ConfigError(f"{field}.type={self.type!r} does not exist; use one of "
                         f"{', '.join(SCALING_TYPES)}")
-    if not self.factor > 0:
+    if self.type != "none" and not self.factor > 0:
       raise ConfigError(f"{field}.factor={self.factor} must be > 0 (e.g. new length / old "
                         "length for position interpolation)")
     if self.type in ("dynamic", "yarn", "llama3") and self.original_max_len <= 0:

@@ -3,8 +3,8 @@
 A file is: 8 bytes (little-endian u64) header size N, N bytes of JSON
 {name: {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}},
 then the raw little-endian tensor bytes (offsets relative to the end of the header).
-Reading memory-maps the file, so a tensor costs memory only once it is converted;
-writing streams one tensor at a time. bfloat16 is `ml_dtypes.bfloat16` (shipped
+Reading loads one tensor at a time from the header's offsets; writing streams one
+tensor at a time. bfloat16 is `ml_dtypes.bfloat16` (shipped
 with JAX). Sharded checkpoints have `model.safetensors.index.json` mapping each
 tensor name to its file.
 """
@@ -59,7 +59,7 @@ def tensor_files(directory: str) -> dict[str, str]:
 
 
 class Reader:
-  """Lazy access to the tensors of a model directory: reader[name] -> np.ndarray (memmap)."""
+  """Lazy access to the tensors of a model directory: reader[name] -> np.ndarray, read then."""
 
   def __init__(self, directory: str):
     self.files = tensor_files(directory)
@@ -91,8 +91,9 @@ class Reader:
     shape = tuple(entry["shape"])
     if end - begin != dtype.itemsize * int(np.prod(shape)):
       raise SafetensorsError(f"tensor {name}: {end - begin} bytes for shape {shape} {dtype}")
-    return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=data_start + begin,
-                     shape=shape)
+    with open(path, "rb") as f:  # one tensor's bytes; freed once the caller converts it
+      f.seek(data_start + begin)
+      return np.fromfile(f, dtype=dtype.newbyteorder("<"), count=int(np.prod(shape))).reshape(shape)
 
 
 def write(directory: str, tensors: dict, max_shard_bytes: int = 5 * 2**30,

@@ -109,6 +109,11 @@ def test_sigterm_saves_and_the_rerun_finishes(uninterrupted, tmp_path):
     (["--config.data.files=/nonexistent/*.txt"], "data.files: nothing matches /nonexistent/*.txt"),
     (["--config.model.typo=3"], "typo"),
     (["--config.data.batch_size=1"], "global batch 1 < data*fsdp = 2"),
+    (["--config.model.rope.scaling.type=stretchy"],
+     "model.rope.scaling.type='stretchy' does not exist; use one of none, linear, ntk"),
+    (["--config.model.rope.scaling.type=linear", "--config.model.rope.scaling.factor=-2"],
+     "model.rope.scaling.factor=-2.0 must be > 0"),
+    (["--config.init_from=/nonexistent/run"], "init_from: no checkpoint in /nonexistent/run"),
 ])
 def test_bad_config_is_one_clear_message(tmp_path, extra, message):
   result = run_train(str(tmp_path), *extra, check=False)

@@ -7,7 +7,7 @@ In: config.json + *.safetensors (one file or sharded with its index) become a ri
 run directory: config.json (the ringlm config, with the origin under "hf"), assets/
 (the tokenizer files, copied) and checkpoints/0 (the parameters, orbax, with
 checksums), which train.py (init_from), the eval tools and serve.py read. Tensors
-are read memory-mapped and converted one at a time, so peak memory stays near one
+are read and converted one at a time, so peak memory stays near one
 copy of the parameters. The dtype is kept unless --dtype says otherwise.
 
 Out: config.json (the `rope_parameters` / `dtype` form) + safetensors that
@@ -68,6 +68,7 @@ def _copy_tokenizer(source_dir, target_dir):
 def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> dict:
   """Converts a Hugging Face model directory into a ringlm run directory (out_dir,
   written to a temporary directory and renamed). Returns the ringlm config dict."""
+  import jax
   import numpy as np
 
   from configs import base
@@ -101,7 +102,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> dict:
       raise hf.ConversionError(f"tensor {name} has shape {list(reader.shape(name))}; "
                                f"config.json implies {list(expected)}")
     array = hf.to_ringlm(np.asarray(reader[name]), layout, target.shape)
-    _assign(params, path, np.ascontiguousarray(array.astype(target.dtype)))
+    _assign(params, path, jax.device_put(np.ascontiguousarray(array.astype(target.dtype))))
 
   resolved = base.get_config().to_dict()
   resolved["model"] = model_config.to_dict()
