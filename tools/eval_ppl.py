@@ -81,7 +81,6 @@ def plot(results, path, label):
   figure, axis = plt.subplots(figsize=(6, 4))
   axis.plot([r["seq_len"] for r in results], [r["ppl"] for r in results], "o-", label=label)
   axis.set_xscale("log", base=2)
-  axis.set_yscale("log")
   axis.set_xlabel("context length (tokens)")
   axis.set_ylabel("perplexity (held-out)")
   axis.grid(True, which="both", alpha=0.3)

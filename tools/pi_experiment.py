@@ -130,7 +130,6 @@ def main(argv=None):
   for name, ppl in curves.items():
     axis.plot([r["seq_len"] for r in ppl], [r["ppl"] for r in ppl], "o-", label=name)
   axis.set_xscale("log", base=2)
-  axis.set_yscale("log")
   axis.set_xticks(lengths, [str(n) for n in lengths])
   axis.set_xlabel("context length (tokens); trained at 256")
   axis.set_ylabel("held-out perplexity")
