@@ -40,3 +40,33 @@ def training_documents(count: int, max_fillers: int, seed: int) -> list[str]:
     key = random_key(rng)
     documents.append(prompt(key, rng.randint(1, max_fillers), rng.random()) + f" {key}.\n")
   return documents
+
+
+def prompt_ids(tokenizer, key: str, length: int, depth: float) -> tuple[list[int], int]:
+  """(token ids of prompt + answer, `length` + 1 of them so that the model reads
+  exactly `length`; index of the first answer token). Filler lines fill the length; a
+  partial filler line tops it up."""
+  encode = tokenizer.encode
+  intro, filler = encode(INTRO), encode(FILLER)
+  key_ids, question, answer = (encode(key_sentence(key)), encode(QUESTION),
+                               encode(" " + key))
+  fixed = len(intro) + len(key_ids) + len(question) + len(answer)
+  fillers, partial = divmod(length + 1 - fixed, len(filler))
+  if fillers < 1:
+    raise ValueError(f"--lengths: {length} tokens cannot hold the passkey prompt; use at "
+                     f"least {fixed + len(filler)}")
+  before = round(depth * fillers)
+  ids = (intro + filler[len(filler) - partial:] + filler * before + key_ids
+         + filler * (fillers - before) + question)
+  return ids + answer, len(ids)
+
+
+def k_max(lengths, accuracy_by_length, threshold):
+  """The PI paper's k_max: the largest length such that accuracy is at least
+  `threshold` at it and at every shorter length (0 when the shortest fails)."""
+  best = 0
+  for length in sorted(lengths):
+    if accuracy_by_length[length] < threshold:
+      break
+    best = length
+  return best

@@ -114,7 +114,7 @@ def test_eval_ppl_and_passkey(source, tmp_path):
 
 def test_passkey_prompts_have_the_asked_length(tmp_path):
   from data import pipeline, tokenizer as tokenizer_lib
-  from tools.eval_passkey import k_max, prompt_ids
+  from data.passkey import k_max, prompt_ids
   documents = pipeline.load_documents(pipeline.default_corpus()[:20])
   tokenizer = tokenizer_lib.load_or_train(str(tmp_path), [], lambda: documents, 512)
   for length in (256, 400):

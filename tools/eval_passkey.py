@@ -45,35 +45,6 @@ def fail(message: str):
   sys.exit(2)
 
 
-def prompt_ids(tokenizer, key: str, length: int, depth: float) -> tuple[list[int], int]:
-  """(token ids of prompt + answer, `length` + 1 of them so that the model reads
-  exactly `length`; index of the first answer token). Filler lines fill the length; a
-  partial filler line tops it up."""
-  from data import passkey
-  encode = tokenizer.encode
-  intro, filler = encode(passkey.INTRO), encode(passkey.FILLER)
-  key_ids, question, answer = (encode(passkey.key_sentence(key)), encode(passkey.QUESTION),
-                               encode(" " + key))
-  fixed = len(intro) + len(key_ids) + len(question) + len(answer)
-  fillers, partial = divmod(length + 1 - fixed, len(filler))
-  if fillers < 1:
-    raise ValueError(f"--lengths: {length} tokens cannot hold the passkey prompt; use at "
-                     f"least {fixed + len(filler)}")
-  before = round(depth * fillers)
-  ids = (intro + filler[len(filler) - partial:] + filler * before + key_ids
-         + filler * (fillers - before) + question)
-  return ids + answer, len(ids)
-
-
-def k_max(lengths, accuracy_by_length, threshold):
-  best = 0
-  for length in sorted(lengths):
-    if accuracy_by_length[length] < threshold:
-      break
-    best = length
-  return best
-
-
 def heatmap(cells, lengths, depths, path, title):
   import matplotlib
   matplotlib.use("Agg")
@@ -137,7 +108,7 @@ def main(argv):
     prompts = []
     try:
       for depth in depths:
-        prompts += [(depth, *prompt_ids(tokenizer, key, length, depth)) for key in keys]
+        prompts += [(depth, *passkey.prompt_ids(tokenizer, key, length, depth)) for key in keys]
     except ValueError as error:
       fail(str(error))
     correct = {depth: 0 for depth in depths}
@@ -152,7 +123,7 @@ def main(argv):
     for depth in depths:
       cells[(length, depth)] = correct[depth] / len(keys)
   by_length = {length: float(np.mean([cells[(length, d)] for d in depths])) for length in lengths}
-  summary = {"k_max": k_max(lengths, by_length, _THRESHOLD.value), "threshold": _THRESHOLD.value,
+  summary = {"k_max": passkey.k_max(lengths, by_length, _THRESHOLD.value), "threshold": _THRESHOLD.value,
              "accuracy_by_length": {str(k): v for k, v in by_length.items()},
              "cells": [{"length": length, "depth": depth, "accuracy": cells[(length, depth)]}
                        for length in lengths for depth in depths],
