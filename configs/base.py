@@ -88,6 +88,21 @@ def get_config():
   config.checkpoint.every = 100      # steps between saves (also at the end and on SIGTERM)
   config.checkpoint.keep = 3         # newest checkpoints kept
 
+  # --- serving (serve.py) ---
+  config.serve = ml_collections.ConfigDict()
+  config.serve.batch_size = 32       # most requests decoded together (rows of one batch)
+  # Mesh when no --config.mesh.* is given: sequence (all devices on the ring: long
+  # prompts, the KV cache spread over devices) | batch (all devices on data: many short
+  # requests) | auto (sequence when a request needs serve.long_context tokens or more).
+  config.serve.cache_sharding = "auto"
+  config.serve.long_context = 8192
+  config.serve.min_bucket = 16       # shortest prompt bucket; buckets are powers of two
+  config.serve.decode_chunk = 32     # decode steps per compiled call (stop strings are
+                                     # checked between calls)
+  config.serve.max_tokens = 16       # default max_tokens of a request
+  config.serve.compilation_cache = ""  # JAX persistent compilation cache directory
+                                       # ("" = $RINGLM_COMPILATION_CACHE, unset = none)
+
   # --- logging ---
   config.log = ml_collections.ConfigDict()
   config.log.every = 10              # steps between metrics lines

@@ -7,11 +7,19 @@ sequence = 1 the ring has one device and the same code runs. Masks come from
 `positions` and `segment_ids`, so the tokens may come in any order (train.py feeds
 the zigzag order of parallel/layout.py); logits come back in the order given.
 
+One forward serves training, prefill and decode (`Transformer.forward`): without a
+cache it attends over its own tokens and also returns every layer's keys and values
+(a prefill's cache, model/kv_cache.py); with a cache it decodes one token per row,
+writing its keys and values into the cache and attending over it
+(`ring.decode_attention`).
+
 Every parameter names its logical axes (`logical_axes` metadata) and activations are
 constrained by logical names; parallel/sharding.py maps both to the mesh.
 Parameters are stored in `param_dtype` and cast to `dtype` for compute; norms,
 softmax statistics and logits are float32.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +27,8 @@ from flax import nnx
 
 from model import rope
 from model.config import AttentionConfig, ModelConfig
-from parallel import sharding
-from parallel.ring import ring_attention
+from model.kv_cache import KVCache
+from parallel import ring, sharding
 
 
 def _param(rngs, shape, logical_axes, config: ModelConfig, std=None):
@@ -60,8 +68,11 @@ class Attention(nnx.Module):
       self.bk = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), config)
       self.bv = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), config)
 
-  def __call__(self, x, cos, sin, positions, segment_ids):
+  def __call__(self, x, cos, sin, positions, segment_ids, cache: KVCache | None, layer: int):
+    """(output [B, L, dim], (k, v)): this call's keys/values [B, L, Hkv, D] without a
+    cache, the layer's updated cache arrays with one."""
     dtype = self.config.dtype
+    tokens_axis = "sequence" if cache is None else None
     # [B, L, dim] x [dim, H, Dh] -> [B, L, H, Dh]
     q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
     k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
@@ -69,15 +80,21 @@ class Attention(nnx.Module):
     if self.config.qkv_bias:
       q, k, v = (y + b[...].astype(dtype) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     q = sharding.constrain(rope.apply_rotary(q, cos, sin), self.mesh,
-                           ("batch", "sequence", "heads", "head_dim"))
+                           ("batch", tokens_axis, "heads", "head_dim"))
     k = sharding.constrain(rope.apply_rotary(k, cos, sin), self.mesh,
-                           ("batch", "sequence", "kv_heads", "head_dim"))
-    v = sharding.constrain(v, self.mesh, ("batch", "sequence", "kv_heads", "head_dim"))
-    out = ring_attention(q, k, v, positions=positions, segment_ids=segment_ids, causal=True,
-                         mesh=self.mesh, impl=self.attention.impl,
-                         block_q=self.attention.block_q, block_kv=self.attention.block_kv)
+                           ("batch", tokens_axis, "kv_heads", "head_dim"))
+    v = sharding.constrain(v, self.mesh, ("batch", tokens_axis, "kv_heads", "head_dim"))
+    if cache is None:
+      out = ring.ring_attention(q, k, v, positions=positions, segment_ids=segment_ids,
+                                causal=True, mesh=self.mesh, impl=self.attention.impl,
+                                block_q=self.attention.block_q, block_kv=self.attention.block_kv)
+    else:
+      write = lambda array, new: ring.cache_write(array, new, cache.step, cache.prompt_slots,
+                                                  mesh=self.mesh)
+      k, v = write(cache.keys[layer], k), write(cache.values[layer], v)
+      out = ring.decode_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
     # [B, L, H, Dh] x [H, Dh, dim] -> [B, L, dim]
-    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
+    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -89,11 +106,11 @@ class MLP(nnx.Module):
     self.w_up = _param(rngs, (config.dim, config.mlp_dim), ("embed", "mlp"), config)
     self.w_down = _param(rngs, (config.mlp_dim, config.dim), ("mlp", "embed"), config)
 
-  def __call__(self, x):
+  def __call__(self, x, tokens_axis="sequence"):
     dtype = self.config.dtype
     gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(dtype))
     up = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(dtype))
-    hidden = sharding.constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", "sequence", "mlp"))
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", tokens_axis, "mlp"))
     return jnp.einsum("blf,fd->bld", hidden, self.w_down[...].astype(dtype))
 
 
@@ -107,10 +124,12 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config)
     self.mlp = MLP(config, mesh, rngs=rngs)
 
-  def __call__(self, x, cos, sin, positions, segment_ids):
-    x = x + self.attn(self.attn_norm(x), cos, sin, positions, segment_ids)
-    x = x + self.mlp(self.mlp_norm(x))
-    return sharding.constrain(x, self.mesh, ("batch", "sequence", "act_embed"))
+  def __call__(self, x, cos, sin, positions, segment_ids, cache, layer):
+    tokens_axis = "sequence" if cache is None else None
+    attended, kv = self.attn(self.attn_norm(x), cos, sin, positions, segment_ids, cache, layer)
+    x = x + attended
+    x = x + self.mlp(self.mlp_norm(x), tokens_axis)
+    return sharding.constrain(x, self.mesh, ("batch", tokens_axis, "act_embed")), kv
 
 
 _REMAT_POLICIES = {
@@ -132,7 +151,7 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (config.dim, config.vocab_size), ("embed", "vocab"), config)
 
   def __call__(self, tokens, positions, segment_ids=None):
-    """Logits for every token.
+    """Logits for every token (training and scoring).
 
     Args:
       tokens: [B, L] int32 token ids; batch over (data, fsdp), L over sequence.
@@ -143,26 +162,54 @@ class Transformer(nnx.Module):
     Returns:
       logits [B, L, vocab] float32, sharded (batch, sequence, vocab).
     """
+    hidden, _ = self.forward(tokens, positions, segment_ids)
+    return self.head(hidden)
+
+  def forward(self, tokens, positions, segment_ids=None, cache: KVCache | None = None):
+    """The transformer up to the final norm: training, prefill and decode.
+
+    Without `cache`: tokens, positions, segment_ids as in `__call__` ([B, L], L over
+    sequence); returns (hidden [B, L, dim], per-layer (k, v) [B, L, Hkv, D] sharded
+    (batch, sequence, kv_heads)), the keys and values a prefill caches.
+    With `cache`: tokens, positions [B, 1] (one new token per row, batch-sharded);
+    returns (hidden [B, 1, dim], the cache with this token written at decode step
+    `cache.step` and the step advanced).
+    """
     config = self.config
+    tokens_axis = "sequence" if cache is None else None
     cos, sin = rope.rotary_tables(config.rope, config.head_dim, positions)
     # FSDP gathers the table's model dimension before the lookup, as for any weight.
     table = sharding.constrain(self.embed[...], self.mesh, ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(config.dtype)  # [B, L, dim]
-    x = sharding.constrain(x, self.mesh, ("batch", "sequence", "act_embed"))
+    x = sharding.constrain(x, self.mesh, ("batch", tokens_axis, "act_embed"))
+    if cache is not None:  # every layer sees the new token's position in its slot
+      cache = dataclasses.replace(cache, positions=ring.cache_write(
+          cache.positions, positions, cache.step, cache.prompt_slots, mesh=self.mesh))
 
-    def run_block(block, x):
-      return block(x, cos, sin, positions, segment_ids)
+    def run_block(block, x, layer):
+      return block(x, cos, sin, positions, segment_ids, cache, layer)
 
     if config.remat != "none":
-      run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[config.remat])
-    for block in self.blocks:
-      x = run_block(block, x)
+      run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[config.remat], static_argnums=(2,))
+    layer_kv = []
+    for layer, block in enumerate(self.blocks):
+      x, kv = run_block(block, x, layer)
+      layer_kv.append(kv)
 
     x = self.final_norm(x)
+    if cache is None:
+      return x, tuple(layer_kv)
+    return x, dataclasses.replace(cache, keys=tuple(k for k, _ in layer_kv),
+                                  values=tuple(v for _, v in layer_kv), step=cache.step + 1)
+
+  def head(self, hidden):
+    """hidden [B, L, dim] (after the final norm) -> logits [B, L, vocab] float32."""
+    config = self.config
     head = self.embed[...].T if config.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(config.dtype),
+    logits = jnp.einsum("bld,dv->blv", hidden, head.astype(config.dtype),
                         preferred_element_type=jnp.float32)
-    return sharding.constrain(logits, self.mesh, ("batch", "sequence", "vocab"))
+    tokens_axis = "sequence" if hidden.shape[1] > 1 else None
+    return sharding.constrain(logits, self.mesh, ("batch", tokens_axis, "vocab"))
 
 
 def create(config: ModelConfig, mesh, seed: int = 0,
@@ -187,8 +234,6 @@ def load(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
   The model's shape comes from the checkpoint's saved config; `model_overrides`
   replace fields that do not change the parameters (rope, max_seq_len, dtype, remat).
   """
-  import dataclasses
-
   from model import checkpoint
   step_dir, meta = checkpoint.load_meta(path)
   config = dataclasses.replace(ModelConfig.from_dict(meta["config"]["model"]), **model_overrides)

@@ -158,3 +158,117 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
                        # varying-axis types; every output is varying over all axes anyway.
                        check_vma=False)(
       q, k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))
+
+
+# --- Decode over a KV cache (serve.py) ------------------------------------------------
+#
+# The cache of one layer is [B, C, Hkv, D], laid out like the forward's keys: batch over
+# (data, fsdp), slots over the `sequence` axis, kv heads over tensor. Each device's
+# local slots are [its chunk of the prefilled prompt | its share of the decode slots],
+# and every slot carries the position of the token in it (EMPTY for padding and unused
+# slots), so attention masks by position and the slot order never matters. Decode step
+# t writes its token into device t % N, local decode slot t // N: the device that owns
+# the slot writes, the others keep theirs.
+
+EMPTY = 2 ** 30  # position of a padding or unused cache slot: later than every query
+
+
+def _cache_specs(mesh, axis, ndim):
+  batch_axes = sharding.RULES["batch"]
+  if ndim == 2:
+    return jax.P(batch_axes, axis)
+  return jax.P(batch_axes, axis, sharding.RULES["kv_heads"], None)
+
+
+def cache_with_room(prefilled, room: int, fill, *, mesh, axis="sequence"):
+  """Appends `room` empty slots to a sequence-sharded array, room / N on each device.
+
+  Args:
+    prefilled: [B, P, ...] (keys/values [B, P, Hkv, D] or positions [B, P]), batch over
+      (data, fsdp), P over `axis`.
+    room: decode slots to add, a multiple of the ring size N.
+    fill: the value of the new slots (0 for keys/values, EMPTY for positions).
+  Returns:
+    [B, P + room, ...] sharded like `prefilled`; device i holds its P/N prefilled slots
+    followed by room/N empty ones.
+  """
+  ring_size = mesh.shape[axis]
+  if room % ring_size:
+    raise ValueError(f"decode room {room} is not a multiple of mesh.{axis}={ring_size}")
+  spec = _cache_specs(mesh, axis, prefilled.ndim)
+
+  def local(x):
+    pad = jnp.full((x.shape[0], room // ring_size, *x.shape[2:]), fill, x.dtype)
+    return jnp.concatenate([x, pad], axis=1)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)(prefilled)
+
+
+def cache_write(cache, new, step, prompt_slots: int, *, mesh, axis="sequence"):
+  """Writes the token of decode step `step` into its slot.
+
+  Args:
+    cache: [B, C, ...] sharded as in `cache_with_room`; its first `prompt_slots` slots
+      (prompt_slots / N per device) hold the prompt.
+    new: [B, 1, ...] the step's value (key, value or position), batch-sharded only.
+    step: int32 scalar, the decode step (0 for the token after the prompt).
+  Returns:
+    `cache` with slot (device step % N, local prompt_slots / N + step // N) replaced.
+  """
+  ring_size = mesh.shape[axis]
+  spec = _cache_specs(mesh, axis, cache.ndim)
+  new_spec = jax.P(*spec[:1], None, *spec[2:])
+
+  def local(cache, new, step):
+    start = (0, prompt_slots // ring_size + step // ring_size) + (0,) * (cache.ndim - 2)
+    mine = lax.axis_index(axis) == step % ring_size
+    old = lax.dynamic_slice(cache, start, new.shape)
+    return lax.dynamic_update_slice(cache, jnp.where(mine, new, old), start)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, new_spec, jax.P()), out_specs=spec,
+                       check_vma=False)(cache, new.astype(cache.dtype), step)
+
+
+def decode_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
+                     axis="sequence", scale=None):
+  """Attention of one new token per row over a sequence-sharded KV cache.
+
+  Each device attends to its local slots; the partial results merge by log-sum-exp
+  over `axis` (DESIGN.md, "Decode over a sequence-sharded cache"): an all-reduce of
+  the row maxima, then one of the rescaled numerators and denominators.
+
+  Args:
+    q: [B, 1, Hq, D], batch over (data, fsdp), heads over tensor, replicated over `axis`.
+    k_cache, v_cache: [B, C, Hkv, D] with Hq % Hkv == 0, slots over `axis`.
+    cache_positions: [B, C] int32 token position of each slot (EMPTY: none).
+    q_positions: [B, 1] int32; a slot is visible when its position <= the query's.
+  Returns:
+    [B, 1, Hq, D] in q.dtype, sharded like q.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  batch_axes = sharding.RULES["batch"]
+  q_spec = jax.P(batch_axes, None, sharding.RULES["heads"], None)
+  kv_spec = _cache_specs(mesh, axis, 4)
+
+  def local(q, k, v, kv_pos, q_pos):
+    batch, _, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("bhgd,bchd->bhgc", grouped, k.astype(jnp.float32)) * scale
+    visible = (kv_pos <= q_pos)[:, None, None, :]  # [B, 1, 1, C]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    local_max = jnp.max(scores, axis=-1)  # [B, Hkv, G]
+    ring_max = lax.pmax(local_max, axis)
+    safe_max = jnp.where(ring_max == -jnp.inf, 0.0, ring_max)
+    weights = jnp.exp(scores - safe_max[..., None])
+    numerator = jnp.einsum("bhgc,bchd->bhgd", weights, v.astype(jnp.float32))
+    denominator = jnp.sum(weights, axis=-1, keepdims=True)
+    # The merge: one all-reduce of (numerator, denominator) over the ring.
+    numerator, denominator = lax.psum((numerator, denominator), axis)
+    out = numerator / jnp.where(denominator == 0, 1.0, denominator)
+    return out.reshape(batch, 1, q_heads, head_dim).astype(q.dtype)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec,
+                                                   jax.P(batch_axes, axis), jax.P(batch_axes)),
+                       out_specs=q_spec, check_vma=False)(
+      q, k_cache, v_cache, cache_positions.astype(jnp.int32), q_positions.astype(jnp.int32))

@@ -30,11 +30,38 @@ def mesh_sizes(config, named) -> dict:
   return dict(EVAL_MESH)
 
 
+def load_tokenizer(step_dir: str, saved: dict, required: bool = True):
+  """The tokenizer stored with a checkpoint's run (its assets), or None when it has none
+  and `required` is False. Its end-of-sequence id comes from a converted model's config."""
+  assets = os.path.join(ckpt_lib.run_dir(step_dir), "assets")
+  try:
+    return tokenizer_lib.load(assets, end_of_sequence_ids(saved)[0] if
+                              end_of_sequence_ids(saved) else None)
+  except FileNotFoundError:
+    if required:
+      raise
+    return None
+
+
+def end_of_sequence_ids(saved: dict) -> list[int]:
+  """A converted Hugging Face model's eos_token_id(s) from its saved config ([] if none)."""
+  eos = (saved.get("hf") or {}).get("eos_token_id")
+  return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+
+
 def load(checkpoint: str, config, named: set[str], mesh, seq_len: int):
   """(model, tokenizer, saved run config, data.files) of `checkpoint` with overrides.
 
-  Raises FileNotFoundError when there is no checkpoint, ConfigError for a bad override.
+  Raises FileNotFoundError when there is no checkpoint or tokenizer, ConfigError for a
+  bad override.
   """
+  model, saved, files = load_model(checkpoint, config, named, mesh, seq_len)
+  return model, load_tokenizer(ckpt_lib.find_step_dir(checkpoint), saved), saved, files
+
+
+def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int):
+  """(model, saved run config, data.files): the model of `checkpoint` on `mesh`, with
+  the overrides the command line named, extended (if asked) to `seq_len` tokens."""
   step_dir, meta = ckpt_lib.load_meta(checkpoint)
   saved = meta["config"]
   config = config.copy_and_resolve_references()
@@ -48,9 +75,7 @@ def load(checkpoint: str, config, named: set[str], mesh, seq_len: int):
   overrides["rope"] = RopeConfig(theta=rope["theta"], scaling=RopeScaling(**rope["scaling"]))
   model, _ = transformer.load(step_dir, mesh, AttentionConfig(**config.attention.to_dict()),
                               **overrides)
-  assets = os.path.join(ckpt_lib.run_dir(step_dir), "assets")
-  tokenizer = tokenizer_lib.load(assets, (saved.get("hf") or {}).get("eos_token_id"))
-  return model, tokenizer, saved, files
+  return model, saved, files
 
 
 class Scorer:

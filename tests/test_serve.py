@@ -1,0 +1,243 @@
+"""serve.py: the engine against a no-cache forward, across meshes; sampling; the command
+line with bad lines among good ones."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import serve
+from model import transformer
+from model.config import ModelConfig
+from parallel import mesh as mesh_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128,
+                     max_seq_len=512)
+PROMPT_LENGTHS = (3, 17, 30, 5)  # two prompt buckets (16 and 32), uneven rows
+
+
+def make_engine(mesh_sizes, devices=None, **options):
+  mesh = mesh_lib.make_mesh(mesh_sizes, devices=devices)
+  model = transformer.create(CONFIG, mesh, seed=7)
+  return serve.Engine(model, mesh, **{"decode_chunk": 4, **options})
+
+
+@pytest.fixture(scope="module")
+def engines():
+  """The same parameters on one device, on a ring of 8, and on data 2 x ring 4."""
+  return {"one": make_engine({"data": 1}, jax.devices()[:1]),
+          "seq8": make_engine({"sequence": 8}),
+          "data2-seq4": make_engine({"data": 2, "sequence": 4})}
+
+
+def requests(rng, **fields):
+  """Fresh random prompts of PROMPT_LENGTHS tokens, 9 new tokens each."""
+  return [serve.Request(line=i + 1, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
+                        max_tokens=9, **fields) for i, n in enumerate(PROMPT_LENGTHS)]
+
+
+_REFERENCE_LENGTH = 64
+
+
+@nnx.jit
+def _full_forward(model, tokens):
+  """Logits of one row of _REFERENCE_LENGTH tokens, no cache (causal: the padding after a
+  position does not change its logits)."""
+  return model(tokens[None], jnp.arange(_REFERENCE_LENGTH, dtype=jnp.int32)[None])[0]
+
+
+def greedy_reference(model, prompt, count):
+  """Greedy tokens and their log-probabilities by a full forward (no cache) at every step."""
+  tokens, logprobs = list(prompt), []
+  for _ in range(count):
+    padded = np.zeros(_REFERENCE_LENGTH, np.int32)
+    padded[:len(tokens)] = tokens
+    logits = _full_forward(model, jnp.asarray(padded))[len(tokens) - 1]
+    token = int(jnp.argmax(logits))
+    logprobs.append(float(jax.nn.log_softmax(logits)[token]))
+    tokens.append(token)
+  return tokens[len(prompt):], logprobs
+
+
+@pytest.fixture(scope="module")
+def greedy_results(engines):
+  rng = np.random.default_rng(11)
+  batch = requests(rng, logprobs=True)
+  return batch, {name: engine.generate(batch) for name, engine in engines.items()}
+
+
+def test_greedy_equals_argmax_of_full_forward(engines, greedy_results):
+  batch, results = greedy_results
+  model = engines["one"].model
+  for request in batch:
+    expected, expected_logprobs = greedy_reference(model, request.prompt_tokens,
+                                                   request.max_tokens)
+    result = results["one"][request.line]
+    assert result["tokens"] == expected, request.line
+    assert result["finish_reason"] == "length"
+    np.testing.assert_allclose(result["logprobs"], expected_logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["seq8", "data2-seq4"])
+def test_sequence_sharded_cache_gives_the_same_tokens(greedy_results, engines, name):
+  batch, results = greedy_results
+  for request in batch:
+    assert results[name][request.line]["tokens"] == results["one"][request.line]["tokens"]
+    np.testing.assert_allclose(results[name][request.line]["logprobs"],
+                               results["one"][request.line]["logprobs"], atol=1e-5)
+  # the cache really is spread over the ring: one prefill + one decode executable per
+  # bucket pair, and no more
+  assert engines[name].compilations <= 2 * 2
+
+
+def test_compilations_stay_within_the_buckets(engines, rng):
+  engine = engines["one"]
+  before = engine.compilations
+  # The same buckets as before (two rows of <= 16 tokens, two of 17-32, 8 new tokens of
+  # room): other prompts and max_tokens, no compilation.
+  batch = [serve.Request(line=i, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
+                         max_tokens=m) for i, (n, m) in enumerate(((4, 9), (20, 6), (31, 7),
+                                                                   (12, 8)), start=1)]
+  engine.generate(batch)
+  assert engine.compilations == before == 4  # (prefill + decode) x 2 prompt buckets
+
+
+def test_sampling_is_reproducible_per_seed(engines, rng):
+  prompt = rng.integers(0, 256, 12).tolist()
+  make = lambda line, seed, **kw: serve.Request(line=line, id=line, prompt_tokens=prompt,
+                                                max_tokens=12, temperature=1.0, seed=seed, **kw)
+  batch = [make(1, 5), make(2, 5), make(3, 6), make(4, 5, top_k=1), make(5, 5, top_p=1e-6)]
+  first = engines["one"].generate(batch)
+  again = engines["seq8"].generate(batch[:1])  # another mesh, another batch
+  assert first[1]["tokens"] == first[2]["tokens"] == again[1]["tokens"]
+  assert first[1]["tokens"] != first[3]["tokens"]
+  greedy, _ = greedy_reference(engines["one"].model, prompt, 12)
+  assert first[4]["tokens"] == greedy and first[5]["tokens"] == greedy  # top-k 1, tiny top-p
+
+
+def test_sample_keeps_only_the_top_k_and_top_p_tokens():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 3, jnp.float32))
+  params = (jnp.ones(3), jnp.asarray([2, 0, 0], jnp.int32), jnp.asarray([1.0, 0.7, 0.85]),
+            jnp.zeros(3, jnp.uint32))
+  seen = [set(), set(), set()]
+  for index in range(200):
+    tokens, _ = serve.sample(logits, *params, jnp.full(3, index, jnp.int32), sampling=True)
+    for row, token in enumerate(np.asarray(tokens)):
+      seen[row].add(int(token))
+  assert seen == [{0, 1}, {0, 1}, {0, 1, 2}]
+
+
+def test_end_of_sequence_stops_a_row(engines, greedy_results):
+  batch, results = greedy_results
+  reference = results["one"][batch[0].line]["tokens"]
+  engine = engines["one"]
+  stopping = serve.Engine(engine.model, engine.mesh, eos_ids=[reference[3]], decode_chunk=4)
+  result = stopping.generate(batch[:1])[batch[0].line]
+  assert result["finish_reason"] == "stop"
+  assert result["tokens"] == reference[:reference.index(reference[3])]
+
+
+# --- the command line -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+  """A parameter-only checkpoint of CONFIG with a small sentencepiece tokenizer."""
+  from configs import base
+  from data import pipeline, tokenizer as tokenizer_lib
+  from model import checkpoint
+  run = str(tmp_path_factory.mktemp("serve") / "run")
+  config = base.get_config()
+  config.model.update(CONFIG.to_dict())
+  config.model.vocab_size = 512
+  documents = pipeline.load_documents(pipeline.default_corpus()[:20])
+  tokenizer_lib.load_or_train(os.path.join(run, "assets"), [], lambda: documents, 512)
+  model = transformer.create(ModelConfig.from_dict(config.model.to_dict()),
+                             mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]), seed=3)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  checkpoint.save_params(os.path.join(run, "checkpoints", "0"), params,
+                         {"config": config.to_dict()})
+  return run
+
+
+def run_serve(checkpoint, lines, tmp_path, *extra):
+  requests_path, output = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+  requests_path.write_bytes(b"".join(lines))
+  result = subprocess.run(
+      [sys.executable, "serve.py", f"--checkpoint={checkpoint}", f"--input={requests_path}",
+       f"--output={output}", "--cpu_devices=2", *extra], cwd=ROOT,
+      env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=600)
+  return result, output
+
+
+GOOD = b'{"id": "first", "prompt": "def main(", "max_tokens": 6, "logprobs": true}\n'
+BAD_LINES = {
+    b"this is not json\n": "invalid JSON",
+    b'{"id": 1, "max_tokens": 3}\n': "exactly one of `prompt`",
+    b'{"id": 2, "prompt": ""}\n': "the prompt is empty",
+    b'{"id": 3, "prompt": "x", "max_tokens": -2}\n': "`max_tokens` must be a positive integer",
+    b'{"id": 4, "prompt": "x", "max_tokens": 2.5}\n': "`max_tokens` must be a positive integer",
+    b'{"id": 5, "prompt": "x", "max_tokens": 600}\n': "exceeds the model's context of 512",
+    b'{"id": 6, "prompt": "x", "temperature": -1}\n': "`temperature` must be a finite number",
+    b'{"id": 7, "prompt": "x", "temperature": NaN}\n': "`temperature` must be a finite number",
+    b'{"id": 8, "prompt": "x", "top_p": 1.5}\n': "`top_p` must be in (0, 1]",
+    b'{"id": 9, "prompt_tokens": [1, 512]}\n': "outside the vocabulary [0, 512)",
+    b'{"id": 10, "prompt": "caf\xe9"}\n': "not UTF-8",
+    b'{"id": 11, "promt": "x"}\n': "unknown field(s) promt",
+}
+
+
+def test_bad_lines_get_errors_and_the_rest_is_served(checkpoint_dir, tmp_path):
+  lines = [GOOD]
+  for bad in BAD_LINES:
+    lines += [bad, b'{"id": "between", "prompt_tokens": [5, 6, 7], "max_tokens": 3}\n']
+  lines.append(b'{"id": "last", "prompt": "import os\\n", "max_tokens": 30, "stop": ["\\n"]}\n')
+  result, output = run_serve(checkpoint_dir, lines, tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [r["line"] for r in records] == list(range(1, len(lines) + 1))
+  assert records[0]["id"] == "first" and len(records[0]["tokens"]) == 6
+  assert len(records[0]["logprobs"]) == 6 and isinstance(records[0]["completion"], str)
+  for record, (line, message) in zip(records[1::2], BAD_LINES.items()):
+    assert record["finish_reason"] == "error" and message in record["error"], (line, record)
+  for record in records[2:-1:2]:
+    assert record["id"] == "between" and len(record["tokens"]) == 3
+  assert records[-1]["finish_reason"] in ("stop", "length") and "\n" not in records[-1]["completion"]
+  report = json.loads(result.stderr.strip().splitlines()[-1])
+  assert report["requests"] == len(lines) and report["errors"] == len(BAD_LINES)
+  assert report["generated_tokens"] == sum(len(r.get("tokens", [])) for r in records)
+  for key in ("prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "compile_s",
+              "wall_s", "peak_memory_bytes"):
+    assert report[key] > 0, key
+
+
+def test_missing_checkpoint_or_input_is_one_clear_error(checkpoint_dir, tmp_path):
+  result, _ = run_serve(tmp_path / "nothing", [GOOD], tmp_path)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "--checkpoint: no checkpoint in" in result.stderr
+  result = subprocess.run(
+      [sys.executable, "serve.py", f"--checkpoint={checkpoint_dir}",
+       f"--input={tmp_path / 'missing.jsonl'}", f"--output={tmp_path / 'out.jsonl'}"],
+      cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT), capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "--input: cannot read" in result.stderr
+
+
+def test_a_checkpoint_without_tokenizer_serves_token_prompts(checkpoint_dir, tmp_path):
+  import shutil
+  bare = tmp_path / "bare"
+  shutil.copytree(os.path.join(checkpoint_dir, "checkpoints"), bare / "checkpoints")
+  result, output = run_serve(bare, [b'{"prompt_tokens": [3, 4, 5], "max_tokens": 2}\n',
+                                    b'{"prompt": "text"}\n'], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  served, refused = [json.loads(line) for line in output.read_text().splitlines()]
+  assert served["completion"] is None and len(served["tokens"]) == 2
+  assert "no tokenizer" in refused["error"]
