@@ -1,9 +1,10 @@
 """The KV cache of decoding: what the forward wrote for the prompt, plus room to grow.
 
-One [B, C, Hkv, D] key array and one value array per layer, and the position of the
-token in every slot ([B, C], `ring.EMPTY` for padding and unused slots). The layout is
-the forward's own: batch over (data, fsdp), slots over `sequence` (a long prompt's
-cache is spread over the ring like its activations) and kv heads over tensor.
+One [B, Hkv, C, D] key array and one value array per layer, and the position of the
+token in every slot ([B, C], `ring.EMPTY` for padding and unused slots). The split is
+the forward's own: batch over (data, fsdp), kv heads over tensor, slots over
+`sequence` (a long prompt's cache stays spread over the ring where its prefill
+computed it).
 parallel/ring.py describes which device holds which slot.
 """
 
@@ -18,8 +19,8 @@ from parallel import ring
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  keys: tuple       # per layer [B, C, Hkv, D], RoPE applied
-  values: tuple     # per layer [B, C, Hkv, D]
+  keys: tuple       # per layer [B, Hkv, C, D], RoPE applied
+  values: tuple     # per layer [B, Hkv, C, D]
   positions: jax.Array  # [B, C] int32 token position of each slot
   step: jax.Array   # int32 scalar: decode steps written so far
   prompt_slots: int = dataclasses.field(metadata=dict(static=True))  # slots of the prompt
@@ -40,8 +41,9 @@ def from_prefill(layer_kv, positions, valid, room: int, mesh) -> KVCache:
     room: decode slots to add, a multiple of mesh.sequence.
   """
   grow = lambda x, fill: ring.cache_with_room(x, room, fill, mesh=mesh)
-  return KVCache(keys=tuple(grow(k, 0) for k, _ in layer_kv),
-                 values=tuple(grow(v, 0) for _, v in layer_kv),
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, P, Hkv, D] -> [B, Hkv, P, D]
+  return KVCache(keys=tuple(grow(heads_first(k), 0) for k, _ in layer_kv),
+                 values=tuple(grow(heads_first(v), 0) for _, v in layer_kv),
                  positions=grow(jnp.where(valid, positions, ring.EMPTY).astype(jnp.int32),
                                 ring.EMPTY),
                  step=jnp.zeros((), jnp.int32), prompt_slots=positions.shape[1])

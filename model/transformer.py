@@ -91,7 +91,8 @@ class Attention(nnx.Module):
     else:
       write = lambda array, new: ring.cache_write(array, new, cache.step, cache.prompt_slots,
                                                   mesh=self.mesh)
-      k, v = write(cache.keys[layer], k), write(cache.values[layer], v)
+      heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, 1, Hkv, D] -> [B, Hkv, 1, D]
+      k, v = write(cache.keys[layer], heads_first(k)), write(cache.values[layer], heads_first(v))
       out = ring.decode_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
     # [B, L, H, Dh] x [H, Dh, dim] -> [B, L, dim]
     return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype)), (k, v)

@@ -162,8 +162,9 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
 
 # --- Decode over a KV cache (serve.py) ------------------------------------------------
 #
-# The cache of one layer is [B, C, Hkv, D], laid out like the forward's keys: batch over
-# (data, fsdp), slots over the `sequence` axis, kv heads over tensor. Each device's
+# The cache of one layer is [B, Hkv, C, D]: batch over (data, fsdp), kv heads over
+# tensor, slots over the `sequence` axis, as the forward's keys are split (heads before
+# slots, so that decoding reads each head's slots without a transpose). Each device's
 # local slots are [its chunk of the prefilled prompt | its share of the decode slots],
 # and every slot carries the position of the token in it (EMPTY for padding and unused
 # slots), so attention masks by position and the slot order never matters. Decode step
@@ -173,33 +174,39 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
 EMPTY = 2 ** 30  # position of a padding or unused cache slot: later than every query
 
 
-def _cache_specs(mesh, axis, ndim):
+def _cache_spec(axis, ndim):
+  """Positions [B, C] or keys/values [B, Hkv, C, D]; slots over `axis`."""
   batch_axes = sharding.RULES["batch"]
   if ndim == 2:
     return jax.P(batch_axes, axis)
-  return jax.P(batch_axes, axis, sharding.RULES["kv_heads"], None)
+  return jax.P(batch_axes, sharding.RULES["kv_heads"], axis, None)
+
+
+def _slot_axis(ndim):
+  return 1 if ndim == 2 else 2
 
 
 def cache_with_room(prefilled, room: int, fill, *, mesh, axis="sequence"):
   """Appends `room` empty slots to a sequence-sharded array, room / N on each device.
 
   Args:
-    prefilled: [B, P, ...] (keys/values [B, P, Hkv, D] or positions [B, P]), batch over
-      (data, fsdp), P over `axis`.
+    prefilled: keys/values [B, Hkv, P, D] or positions [B, P]; batch over (data, fsdp),
+      kv heads over tensor, P over `axis`.
     room: decode slots to add, a multiple of the ring size N.
     fill: the value of the new slots (0 for keys/values, EMPTY for positions).
   Returns:
-    [B, P + room, ...] sharded like `prefilled`; device i holds its P/N prefilled slots
+    P + room slots, sharded like `prefilled`; device i holds its P/N prefilled slots
     followed by room/N empty ones.
   """
   ring_size = mesh.shape[axis]
   if room % ring_size:
     raise ValueError(f"decode room {room} is not a multiple of mesh.{axis}={ring_size}")
-  spec = _cache_specs(mesh, axis, prefilled.ndim)
+  spec, slots = _cache_spec(axis, prefilled.ndim), _slot_axis(prefilled.ndim)
 
   def local(x):
-    pad = jnp.full((x.shape[0], room // ring_size, *x.shape[2:]), fill, x.dtype)
-    return jnp.concatenate([x, pad], axis=1)
+    shape = list(x.shape)
+    shape[slots] = room // ring_size
+    return jnp.concatenate([x, jnp.full(shape, fill, x.dtype)], axis=slots)
 
   return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)(prefilled)
 
@@ -208,19 +215,21 @@ def cache_write(cache, new, step, prompt_slots: int, *, mesh, axis="sequence"):
   """Writes the token of decode step `step` into its slot.
 
   Args:
-    cache: [B, C, ...] sharded as in `cache_with_room`; its first `prompt_slots` slots
-      (prompt_slots / N per device) hold the prompt.
-    new: [B, 1, ...] the step's value (key, value or position), batch-sharded only.
+    cache: [B, Hkv, C, D] or [B, C] sharded as in `cache_with_room`; its first
+      `prompt_slots` slots (prompt_slots / N per device) hold the prompt.
+    new: the step's value, [B, Hkv, 1, D] (key or value) or [B, 1] (position), not
+      split over `axis`.
     step: int32 scalar, the decode step (0 for the token after the prompt).
   Returns:
     `cache` with slot (device step % N, local prompt_slots / N + step // N) replaced.
   """
   ring_size = mesh.shape[axis]
-  spec = _cache_specs(mesh, axis, cache.ndim)
-  new_spec = jax.P(*spec[:1], None, *spec[2:])
+  spec, slots = _cache_spec(axis, cache.ndim), _slot_axis(cache.ndim)
+  new_spec = jax.P(*(None if i == slots else name for i, name in enumerate(spec)))
 
   def local(cache, new, step):
-    start = (0, prompt_slots // ring_size + step // ring_size) + (0,) * (cache.ndim - 2)
+    start = [0] * cache.ndim
+    start[slots] = prompt_slots // ring_size + step // ring_size
     mine = lax.axis_index(axis) == step % ring_size
     old = lax.dynamic_slice(cache, start, new.shape)
     return lax.dynamic_update_slice(cache, jnp.where(mine, new, old), start)
@@ -239,7 +248,7 @@ def decode_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
 
   Args:
     q: [B, 1, Hq, D], batch over (data, fsdp), heads over tensor, replicated over `axis`.
-    k_cache, v_cache: [B, C, Hkv, D] with Hq % Hkv == 0, slots over `axis`.
+    k_cache, v_cache: [B, Hkv, C, D] with Hq % Hkv == 0, slots over `axis`.
     cache_positions: [B, C] int32 token position of each slot (EMPTY: none).
     q_positions: [B, 1] int32; a slot is visible when its position <= the query's.
   Returns:
@@ -248,20 +257,20 @@ def decode_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   batch_axes = sharding.RULES["batch"]
   q_spec = jax.P(batch_axes, None, sharding.RULES["heads"], None)
-  kv_spec = _cache_specs(mesh, axis, 4)
+  kv_spec = _cache_spec(axis, 4)
 
   def local(q, k, v, kv_pos, q_pos):
     batch, _, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bhgd,bchd->bhgc", grouped, k.astype(jnp.float32)) * scale
+    scores = jnp.einsum("bhgd,bhcd->bhgc", grouped, k.astype(jnp.float32)) * scale
     visible = (kv_pos <= q_pos)[:, None, None, :]  # [B, 1, 1, C]
     scores = jnp.where(visible, scores, -jnp.inf)
     local_max = jnp.max(scores, axis=-1)  # [B, Hkv, G]
     ring_max = lax.pmax(local_max, axis)
     safe_max = jnp.where(ring_max == -jnp.inf, 0.0, ring_max)
     weights = jnp.exp(scores - safe_max[..., None])
-    numerator = jnp.einsum("bhgc,bchd->bhgd", weights, v.astype(jnp.float32))
+    numerator = jnp.einsum("bhgc,bhcd->bhgd", weights, v.astype(jnp.float32))
     denominator = jnp.sum(weights, axis=-1, keepdims=True)
     # The merge: one all-reduce of (numerator, denominator) over the ring.
     numerator, denominator = lax.psum((numerator, denominator), axis)
