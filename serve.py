@@ -41,13 +41,19 @@ from ml_collections import config_flags
 
 from configs import base
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory, checkpoint step or "
-                                  "converted Hugging Face model.")
-_INPUT = flags.DEFINE_string("input", None, "JSONL requests.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSONL results (one line per request line).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
-_CONFIG = config_flags.DEFINE_config_dict("config", base.get_config(),
-                                          "Overrides of the checkpoint's config.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line's flags, defined only when serve.py runs as a program (the
+  evaluation tools import the engine and define flags of their own)."""
+  flags.DEFINE_string("checkpoint", None, "Run directory, checkpoint step or converted "
+                      "Hugging Face model.")
+  flags.DEFINE_string("input", None, "JSONL requests.")
+  flags.DEFINE_string("output", None, "JSONL results (one line per request line).")
+  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+  config_flags.DEFINE_config_dict("config", base.get_config(),
+                                  "Overrides of the checkpoint's config.")
 
 REQUEST_FIELDS = {"id", "prompt", "prompt_tokens", "max_tokens", "temperature", "top_k",
                   "top_p", "stop", "seed", "logprobs"}
@@ -427,6 +433,18 @@ class Engine:
 
 # --- command line ----------------------------------------------------------------------
 
+def _process_start() -> float:
+  """time.perf_counter() at the moment this process started (Linux; else now)."""
+  try:
+    with open("/proc/self/stat") as f:
+      started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return time.perf_counter() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter()
+
+
 def _request_id(raw: bytes):
   """The `id` of a line that failed to parse, when it has one."""
   try:
@@ -466,7 +484,7 @@ def main(argv):
   del argv
   wall_start = time.perf_counter()
   import jax
-  jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   import logging
   logging.getLogger("absl").setLevel(logging.WARNING)
   from tqdm import tqdm
@@ -477,18 +495,18 @@ def main(argv):
   from parallel import mesh as mesh_lib
   from tools import evaluation
 
-  config = _CONFIG.value
+  config = FLAGS.config
   named = inherit.named_fields(sys.argv)
   _compilation_cache(config)
   try:
-    with open(_INPUT.value, "rb") as f:
+    with open(FLAGS.input, "rb") as f:
       lines = f.read().split(b"\n")
   except OSError as error:
-    fail(f"--input: cannot read {_INPUT.value}: {error.strerror}")
+    fail(f"--input: cannot read {FLAGS.input}: {error.strerror}")
   if lines and lines[-1] == b"":
     lines.pop()  # the file's final newline ends the last line; it is not a line
   try:
-    step_dir, meta = ckpt_lib.load_meta(_CHECKPOINT.value)
+    step_dir, meta = ckpt_lib.load_meta(FLAGS.checkpoint)
   except FileNotFoundError as error:
     fail(f"--checkpoint: {error}")
   saved = meta["config"]
@@ -509,12 +527,14 @@ def main(argv):
       results[number] = error_record(number, _request_id(raw), str(error))
 
   longest = max((len(r.prompt_tokens) + r.max_tokens for r in requests), default=0)
+  load_start = time.perf_counter()
   try:
     mesh = mesh_lib.make_mesh(_mesh_sizes(config, named, longest))
     model, _, _ = evaluation.load_model(step_dir, config, named, mesh, max_context)
     mesh_lib.validate(model.config, mesh)
   except (ConfigError, ValueError) as error:
     fail(str(error))
+  load_s = time.perf_counter() - load_start
   eos_ids = evaluation.end_of_sequence_ids(saved)
   if tokenizer is not None:
     eos_ids.append(tokenizer.eos_id())
@@ -525,7 +545,7 @@ def main(argv):
   with tqdm(total=len(requests), desc="serve", unit="req", disable=None, file=sys.stderr) as bar:
     results.update(engine.generate(requests, progress=bar))
 
-  output = os.path.abspath(_OUTPUT.value)
+  output = os.path.abspath(FLAGS.output)
   os.makedirs(os.path.dirname(output), exist_ok=True)
   temporary = output + ".tmp"
   with open(temporary, "w") as f:
@@ -543,7 +563,8 @@ def main(argv):
       "prefill_tokens_per_s": stats["prefill_tokens"] / max(stats["prefill_s"], 1e-9),
       "decode_tokens_per_s": stats["decode_tokens"] / max(stats["decode_s"], 1e-9),
       "prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"],
-      "compile_s": stats["compile_s"], "compilations": engine.compilations,
+      "compile_s": stats["compile_s"], "compilations": engine.compilations, "load_s": load_s,
+      "start_s": wall_start - _process_start(),
       "wall_s": time.perf_counter() - wall_start,
       "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "mesh": dict(mesh.shape),
@@ -559,5 +580,6 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["checkpoint", "input", "output"])
   app.run(main, flags_parser=parse_flags)

@@ -263,7 +263,9 @@ def decode_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     batch, _, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bhgd,bhcd->bhgc", grouped, k.astype(jnp.float32)) * scale
+    # q.k as multiply-and-sum over D: on CPU this fused loop reads the cache once and
+    # runs ~20% faster than a batched dot with a transposed operand (bench/decode.py).
+    scores = jnp.sum(grouped[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), -1) * scale
     visible = (kv_pos <= q_pos)[:, None, None, :]  # [B, 1, 1, C]
     scores = jnp.where(visible, scores, -jnp.inf)
     local_max = jnp.max(scores, axis=-1)  # [B, Hkv, G]

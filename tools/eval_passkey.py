@@ -7,9 +7,9 @@ The Landmark / Position Interpolation template (data/passkey.py): filler, "The p
 key is NNNNN. Remember it. NNNNN is the pass key.", more filler, "What is the pass
 key? The pass key is". Keys come from a fixed seed. Each prompt is exactly the given
 length in tokens (the model reads the prompt and all but the last answer token).
-Scoring is greedy and teacher-forced: a trial
-succeeds when the argmax at every answer position is the key's next token, which is
-exactly when greedy decoding would generate the key. Reports accuracy per cell and
+The serving engine (serve.Engine: prefill on the ring, KV-cache decode) generates
+greedily as many tokens as the key has; a trial succeeds when they are the key.
+Reports accuracy per cell and
 k_max as the PI paper defines it: the largest length such that at every length up to
 it accuracy is at least --threshold (20%). Writes JSON and a heatmap PNG; the last
 stdout line is the JSON summary.
@@ -80,6 +80,7 @@ def main(argv):
   from model import checkpoint as ckpt_lib
   from model.config import ConfigError
   from parallel import mesh as mesh_lib
+  import serve
   from tools import evaluation
 
   named = inherit.named_fields(sys.argv)
@@ -100,7 +101,7 @@ def main(argv):
     fail(f"--checkpoint: {error}" if "checkpoint" in str(error) else str(error))
   except (ConfigError, ValueError) as error:
     fail(str(error))
-  scorer = evaluation.Scorer(model, mesh)
+  engine = serve.Engine(model, mesh, tokenizer=tokenizer, batch_size=_BATCH.value)
   rng = random.Random(_SEED.value)
   keys = [passkey.random_key(rng) for _ in range(_TRIALS.value)]
   cells = {}
@@ -111,15 +112,14 @@ def main(argv):
         prompts += [(depth, *passkey.prompt_ids(tokenizer, key, length, depth)) for key in keys]
     except ValueError as error:
       fail(str(error))
+    # Greedy generation of as many tokens as the key has, through the serving engine.
+    requests = [serve.Request(line=i, id=depth, prompt_tokens=ids[:answer_start],
+                              max_tokens=len(ids) - answer_start)
+                for i, (depth, ids, answer_start) in enumerate(prompts)]
+    results = engine.generate(requests)
     correct = {depth: 0 for depth in depths}
-    for begin in range(0, len(prompts), _BATCH.value):
-      chunk = prompts[begin:begin + _BATCH.value]
-      rows = np.array([ids for _, ids, _ in chunk], np.int32)
-      _, predictions = scorer(rows[:, :-1], rows[:, 1:])
-      for (depth, ids, answer_start), predicted in zip(chunk, predictions):
-        # the answer token at index i is predicted at position i - 1
-        answer = slice(answer_start - 1, len(ids) - 1)
-        correct[depth] += bool(np.array_equal(predicted[answer], ids[answer_start:]))
+    for i, (depth, ids, answer_start) in enumerate(prompts):
+      correct[depth] += results[i].get("tokens") == ids[answer_start:]
     for depth in depths:
       cells[(length, depth)] = correct[depth] / len(keys)
   by_length = {length: float(np.mean([cells[(length, d)] for d in depths])) for length in lengths}
