@@ -21,12 +21,13 @@ demo: $(STAMP)
 ring-check: $(STAMP)
 	$(PY) -m tools.ring_check --config=configs/tiny.py
 
-# Attention against its peers (ringattention, one-device XLA) and training throughput;
-# tables + JSON in bench/results.
+# Attention against its peers (ringattention, one-device XLA), training throughput, and
+# batch decoding against transformers' generate; tables + JSON in bench/results.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.attention
 	$(PY) -m bench.train
+	$(PY) -m bench.decode
 
 # pytest exits 5 when it collected no tests: that is a failure here, said plainly.
 test: $(STAMP)
