@@ -21,13 +21,12 @@ demo: $(STAMP)
 ring-check: $(STAMP)
 	$(PY) -m tools.ring_check --config=configs/tiny.py
 
-# Attention against its peers (ringattention, one-device XLA), training throughput, and
-# batch decoding against transformers' generate; tables + JSON in bench/results.
+# Every benchmark against its peers in one run (~25 min): attention (ringattention,
+# one-device XLA), training throughput, decoding (transformers generate), memory vs
+# context; one JSON + table in bench/results and README.md's Performance section.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m bench.attention
-	$(PY) -m bench.train
-	$(PY) -m bench.decode
+	$(PY) -m bench.all
 
 # pytest exits 5 when it collected no tests: that is a failure here, said plainly.
 test: $(STAMP)

@@ -23,8 +23,12 @@ import time
 NUM_DEVICES = 8
 
 
-def run_length(seq_len, args, peak):
-  """Compiles and times the train step at one length; returns the result row."""
+def build_step(seq_len: int, tokens_per_step: int, mesh_sizes: str = "", remat: str = "none"):
+  """train.py's step for `tiny` at `seq_len`, compiled, with random-token inputs.
+
+  Returns (compiled step, (params, opt_state, batch), model config, mesh, compile_s).
+  `mesh_sizes` is "data=2,sequence=4" style ("" = configs/tiny.py's mesh).
+  """
   import jax
   import numpy as np
   from flax import nnx
@@ -37,11 +41,11 @@ def run_length(seq_len, args, peak):
 
   config = tiny.get_config()
   config.data.seq_len = seq_len
-  config.data.batch_size = max(args.tokens_per_step // seq_len, config.mesh.data)
-  config.model.remat = args.remat
-  if args.mesh:
+  if mesh_sizes:
     config.mesh.update({axis: int(size) for axis, size in
-                        (item.split("=") for item in args.mesh.split(","))})
+                        (item.split("=") for item in mesh_sizes.split(","))})
+  config.data.batch_size = max(tokens_per_step // seq_len, config.mesh.data)
+  config.model.remat = remat
   model_config = ModelConfig.from_dict(config.model.to_dict())
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   mesh_lib.validate(model_config, mesh, seq_len=seq_len, batch_size=config.data.batch_size)
@@ -70,7 +74,17 @@ def run_length(seq_len, args, peak):
 
   start = time.perf_counter()
   compiled = train_step.lower(params, opt_state, batch).compile()
-  compile_s = time.perf_counter() - start
+  return compiled, (params, opt_state, batch), model_config, mesh, time.perf_counter() - start
+
+
+def run_length(seq_len, args, peak):
+  """Compiles and times the train step at one length; returns the result row."""
+  import jax
+  import numpy as np
+
+  compiled, (params, opt_state, batch), model_config, mesh, compile_s = build_step(
+      seq_len, args.tokens_per_step, args.mesh, args.remat)
+  batch_size = batch["inputs"].shape[0]
   params, opt_state, stats = compiled(params, opt_state, batch)  # warm-up
   jax.block_until_ready(stats)
   times, losses = [], []

@@ -1,4 +1,4 @@
-"""The benchmarks' --quick modes run end to end, so their code cannot rot."""
+"""`make bench`'s --quick mode runs every benchmark end to end, so their code cannot rot."""
 
 import json
 import math
@@ -9,42 +9,47 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_train_benchmark_quick(tmp_path):
-  out = tmp_path / "train.json"
+def test_every_benchmark_quick(tmp_path):
+  out = tmp_path / "all.json"
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
-  result = subprocess.run([sys.executable, "-m", "bench.train", "--quick", f"--out={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = subprocess.run([sys.executable, "-m", "bench.all", "--quick", f"--out={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   report = json.loads(out.read_text())
-  assert report["matmul"]["peak_flops"] > 0
-  (row,) = report["rows"]
-  assert row["seq_len"] == 512 and row["mesh"]["sequence"] == 4
-  assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+  results = report["results"]
+  assert set(results) == {"attention", "train", "decode", "memory"}
+  for name in ("attention", "train", "decode"):
+    assert results[name]["matmul"]["peak_flops"] > 0
+
+  attention = {row["impl"]: row for row in results["attention"]["rows"]}
+  assert attention["ringlm"]["median_s"] > 0 and attention["ringattention"]["median_s"] > 0
+  assert attention["ringattention"]["max_abs_diff_vs_ringlm"] < 1e-4  # the same attention
+
+  (train,) = results["train"]["rows"]
+  assert train["seq_len"] == 512 and train["mesh"]["sequence"] == 4 and 0 < train["mfu"] < 1
   # random tokens: the loss of an untrained model is about ln(vocab)
-  assert len(row["losses"]) == 2 and all(abs(loss - math.log(8192)) < 1 for loss in row["losses"])
-  assert "| 512 |" in result.stdout
+  assert all(abs(loss - math.log(8192)) < 1 for loss in train["losses"])
 
-
-def test_decode_benchmark_quick(tmp_path):
-  out = tmp_path / "decode.json"
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
-  result = subprocess.run([sys.executable, "-m", "bench.decode", "--quick", f"--out={out}",
-                           f"--workdir={tmp_path / 'work'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(out.read_text())
-  assert report["matmul"]["peak_flops"] > 0
-  assert report["model"]["num_hidden_layers"] == 2 and "long" not in report
-  decode = report["decode"]
-  assert set(decode["runs"]) == {"transformers", "ringlm_cold", "ringlm_warm"}
-  for run in decode["runs"].values():
+  decode = results["decode"]
+  assert decode["model"]["num_hidden_layers"] == 2 and "long" not in decode
+  runs = decode["decode"]["runs"]
+  assert set(runs) == {"transformers", "ringlm_cold", "ringlm_warm"}
+  for run in runs.values():
     assert run["end_to_end_s"] > 0 and run["peak_rss_bytes"] > 0
     assert run["generated_tokens"] == 4 * 8  # no EOS: every row runs to max_tokens
     assert 0 < run["decode_percent_of_peak"] < 100
   for name in ("ringlm_cold", "ringlm_warm"):
-    ringlm = decode["runs"][name]["report"]
-    assert ringlm["requests"] == 4 and ringlm["errors"] == 0 and ringlm["compile_s"] >= 0
-    assert decode["tokens"][name]["match"], decode["tokens"][name]
-  summary = report["summary"]
-  assert summary["tokens_match"] and summary["speedup_cold"] > 0 and summary["speedup_warm"] > 0
-  assert "| ringlm warm |" in result.stdout
+    assert runs[name]["report"]["errors"] == 0 and runs[name]["report"]["requests"] == 4
+    assert decode["decode"]["tokens"][name]["match"], decode["decode"]["tokens"][name]
+
+  memory = results["memory"]["rows"]
+  assert {(r["length"], r["attention"]) for r in memory} == {
+      (1024, "ring"), (1024, "full"), (2048, "ring"), (2048, "full")}
+  assert all(r["peak_rss_bytes"] > 2**20 and r["planned_bytes"] > 0 for r in memory)
+  assert (tmp_path / "all-memory.png").read_bytes()[:4] == b"\x89PNG"
+
+  table = (tmp_path / "all.md").read_text()
+  for benchmark in ("attention fwd+bwd", "training step", "batch decode, end to end",
+                    "memory of a training step"):
+    assert f"| {benchmark} |" in table
+  assert " cores, jax " in table and "Matmul peak measured" in table
