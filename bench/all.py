@@ -8,7 +8,7 @@ Runs, each as its own process (its output streams to the console):
                    `ringattention` package vs one-device XLA attention
   bench.train      `tiny` tokens/s and MFU at seq_len 2048 and 8192
   bench.decode     serve.py vs transformers generate end to end; a 16K-token prefill
-  bench.memory     peak memory of a `tiny` training step at 8K-64K tokens: ring vs full
+  bench.memory     peak memory of a `tiny` training step at 2K-64K tokens: ring vs full
 Then writes bench/results/<date>-<machine>.json (every benchmark's JSON under its
 name, plus the summary rows) and .md (the machine and the table), and, unless
 --quick, puts that table into README.md between its "bench:begin/end" markers.
@@ -125,7 +125,7 @@ def summary_rows(results: dict) -> list:
     rows.append({
         "benchmark": "memory of a training step", "case": f"tiny, {length} tokens",
         "ringlm": (_gib(ring["peak_rss_bytes"]) + " peak RSS (8 devices)"
-                   if "peak_rss_bytes" in ring else ring.get("failed", "?")),
+                   if "peak_rss_bytes" in ring else f"failed: {ring.get('failed', '?')}"),
         "peer": f"full attention, 1 device: {full_text}",
         "ratio": (full["peak_rss_bytes"] / ring["peak_rss_bytes"]
                   if "peak_rss_bytes" in full and "peak_rss_bytes" in ring else None),
