@@ -129,7 +129,8 @@ def summary_rows(results: dict) -> list:
         "peer": f"full attention, 1 device: {full_text}",
         "ratio": (full["peak_rss_bytes"] / ring["peak_rss_bytes"]
                   if "peak_rss_bytes" in full and "peak_rss_bytes" in ring else None),
-        "percent_of_peak": None, "memory": ""})
+        "percent_of_peak": None,
+        "memory": f"XLA plans {_gib(ring['planned_bytes'])}" if "planned_bytes" in ring else ""})
   return rows
 
 
@@ -147,11 +148,15 @@ def format_markdown(results: dict, rows: list) -> str:
     percent = f"{row['percent_of_peak']:.0f}%" if row["percent_of_peak"] is not None else ""
     lines.append(f"| {row['benchmark']} | {row['case']} | {row['ringlm']} | {row['peer']} | "
                  f"{ratio} | {percent} | {row['memory']} |")
-  memory = results["memory"]
-  growth = "; ".join(f"{g['from']}->{g['to']}: {g['bytes_per_token'] / 1024:.0f} KiB/token"
-                     for g in memory["growth"])
-  lines += ["", f"Ring memory per added token ({growth}): "
-                f"{'linear' if memory['linear'] else 'NOT linear'} in length."]
+  from bench.memory import linearity
+  growth = results["memory"]["growth"]
+  verdict = linearity(growth)
+  steps = "; ".join(f"{g['from']}->{g['to']}: {g['bytes_per_token'] / 1024:.0f} KiB"
+                    for g in growth)
+  if verdict["slope_ratio"] is not None:
+    lines += ["", f"Ring peak RSS added per token ({steps}): the last doubling adds "
+                  f"{verdict['slope_ratio']:.2f}x the first's per token (linear: 1x; a quadratic "
+                  f"term: 2x per doubling) - {'linear' if verdict['linear'] else 'NOT linear'}."]
   return "\n".join(lines)
 
 
@@ -175,7 +180,14 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="smoke sizes, no README update")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
+  parser.add_argument("--render", default=None, metavar="JSON",
+                      help="no runs: rebuild the table (and README) from this earlier JSON")
   args = parser.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      saved = json.load(f)
+    args.quick, args.out, results = saved["quick"], args.render, saved["results"]
+    return _report(results, args)
   stamp = datetime.date.today().isoformat()
   out = args.out or os.path.join(ROOT, "bench", "results", f"{stamp}-{socket.gethostname()}"
                                  f"{'-quick' if args.quick else ''}.json")
@@ -183,6 +195,13 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as directory:
     results = run_benchmarks(QUICK if args.quick else FULL, directory,
                              os.path.splitext(out)[0] + "-memory.png")
+  args.out = out
+  return _report(results, args)
+
+
+def _report(results: dict, args) -> int:
+  """Summary rows, table, JSON + markdown next to args.out, README (unless quick)."""
+  out = args.out
   rows = summary_rows(results)
   table = format_markdown(results, rows)
   print("\n" + table)

@@ -86,6 +86,19 @@ def per_token_growth(rows: list, shortest: int) -> list:
           for a, b in zip(measured, measured[1:])]
 
 
+def linearity(growth: list) -> dict:
+  """How the per-token growth changes from the first measured doubling to the last.
+
+  Linear memory keeps it constant (ratio 1); a quadratic term doubles it at every
+  doubling (ratio 2**(n-1) over n doublings, 4 over three). Verdict: linear when the
+  ratio is below 2 (between the two, geometrically, over the default lengths).
+  """
+  if len(growth) < 2:
+    return {"slope_ratio": None, "linear": None}
+  ratio = growth[-1]["bytes_per_token"] / growth[0]["bytes_per_token"]
+  return {"slope_ratio": ratio, "linear": bool(ratio < 2)}
+
+
 def format_table(rows: list) -> str:
   gib = lambda x: f"{x / 2**30:.2f}"
   lines = ["| tokens | attention | devices | peak RSS GiB | XLA planned GiB | step s |",
@@ -152,13 +165,14 @@ def main(argv=None):
       print(f"{length} tokens, {attention} attention", flush=True)
       rows.append(run(length, attention, args.memory_limit_gib))
   growth = per_token_growth(rows, args.linear_from)
-  slopes = [g["bytes_per_token"] for g in growth]
-  linear = bool(slopes) and max(slopes) <= 1.5 * max(min(slopes), 1.0)
+  verdict = linearity(growth)
   table = format_table(rows)
   print("\n" + table)
   for g in growth:
     print(f"ring: {g['bytes_per_token'] / 1024:.1f} KiB per token from {g['from']} to {g['to']}")
-  print(f"ring memory grows linearly with length: {'yes' if linear else 'no'}")
+  if verdict["slope_ratio"] is not None:
+    print(f"per-token growth, last doubling / first: {verdict['slope_ratio']:.2f} (linear 1, "
+          f"quadratic 2 per doubling): {'linear' if verdict['linear'] else 'NOT linear'}")
   stamp = datetime.date.today().isoformat()
   out = args.out or os.path.join("bench", "results", f"memory-{stamp}-{socket.gethostname()}"
                                  f"{'-quick' if args.quick else ''}.json")
@@ -166,7 +180,7 @@ def main(argv=None):
   os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
   plot(rows, png)
   write_json(out, {"benchmark": "memory", "machine": machine(), "args": vars(args),
-                   "rows": rows, "growth": growth, "linear": linear, "table": table,
+                   "rows": rows, "growth": growth, **verdict, "table": table,
                    "plot": png})
   return 0
 
