@@ -46,6 +46,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from configs import base, inherit
+from configs.cli import fail, parse_flags
 from model import checkpoint as ckpt_lib, kv_cache
 from model.config import ConfigError
 from parallel import layout, mesh as mesh_lib, sharding
@@ -449,11 +450,6 @@ def _request_id(raw: bytes):
   return fields.get("id") if isinstance(fields, dict) else None
 
 
-def fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _mesh_sizes(config, named, longest: int) -> dict:
   """--config.mesh.* when given; else all devices on the ring (sequence) or on data."""
   if any(field.startswith("mesh.") for field in named):
@@ -554,13 +550,6 @@ def main(argv):
       "mesh": dict(mesh.shape),
   }
   print(json.dumps(report), file=sys.stderr)
-
-
-def parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as error:
-    fail(" ".join(str(error).split()) or repr(error))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs.cli import fail, parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ringlm config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, assets.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
@@ -41,12 +43,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
               "A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-
-def fail(message: str):
-  """A config or input problem: one message, no traceback, exit status 2."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -448,14 +444,6 @@ def newest_step(workdir: str) -> int:
   steps = [int(name) for name in os.listdir(directory) if name.isdigit()] \
       if os.path.isdir(directory) else []
   return max(steps, default=-1)
-
-
-def parse_flags(argv):
-  """absl flag parsing whose config errors are one line and exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as error:
-    fail(" ".join(str(error).split()) or repr(error))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import base
+from configs.cli import fail
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024"], "Prompt lengths in tokens.")
@@ -38,11 +39,6 @@ _OUT = flags.DEFINE_string("out", "", "JSON path (default: <run>/eval/passkey.js
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
 _CONFIG = config_flags.DEFINE_config_dict("config", base.get_config(),
                                           "Overrides of the checkpoint's config.")
-
-
-def fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def heatmap(cells, lengths, depths, path, title):

@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import base
+from configs.cli import fail
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
 _SEQ_LEN = flags.DEFINE_list("seq_len", ["256", "1024"], "Context lengths to evaluate.")
@@ -34,11 +35,6 @@ _LABEL = flags.DEFINE_string("label", "", "Curve label in the plot (default: the
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
 _CONFIG = config_flags.DEFINE_config_dict("config", base.get_config(),
                                           "Overrides of the checkpoint's config.")
-
-
-def fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def windows(length_of_doc: int, seq_len: int, stride: int):
