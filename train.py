@@ -190,6 +190,9 @@ def train(config, workdir: str, named: set[str]) -> bool:
       raise ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "
                         f"train.grad_accum={config.train.grad_accum} x mesh.data*mesh.fsdp="
                         f"{data_shards} (every micro-batch is split over the data shards)")
+    if config.data.packing not in pipeline.PACKINGS:
+      raise ConfigError(f"data.packing={config.data.packing!r}: use one of "
+                        f"{', '.join(pipeline.PACKINGS)}")
     if not 0 <= config.data.passkey_fraction < 1:
       raise ConfigError(f"data.passkey_fraction={config.data.passkey_fraction} must be in "
                         "[0, 1): the share of the training documents that are passkey documents")
@@ -213,7 +216,10 @@ def train(config, workdir: str, named: set[str]) -> bool:
   else:
     load_tokenizer = lambda: tokenizer_lib.load_or_train(
         assets, files, lambda: documents, model_config.vocab_size)
-  tokenizer = load_tokenizer() if lead else None
+  try:
+    tokenizer = load_tokenizer() if lead else None
+  except ValueError as error:  # e.g. a vocabulary larger than the corpus allows
+    fail(str(error))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tokenizer")
@@ -232,7 +238,7 @@ def train(config, workdir: str, named: set[str]) -> bool:
         round(share / (1 - share) * len(train_docs)),
         max_fillers=max(1, (config.data.seq_len - 100) // per_filler), seed=config.seed)
   data_options = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size,
-                      first_row=first_row, rows=rows)
+                      first_row=first_row, rows=rows, packing=config.data.packing)
   try:
     train_iter = pipeline.Batches(train_docs, tokenizer, seed=config.seed, **data_options)
   except ValueError as error:

@@ -60,6 +60,8 @@ def get_config():
   config.data.files = ""             # comma-separated globs (.txt/.py/.jsonl); "": the stdlib's .py
   config.data.seq_len = 2048         # tokens per row; a multiple of 2*mesh.sequence
   config.data.batch_size = 8         # global rows per step (all hosts together)
+  config.data.packing = "concat"     # documents -> rows: concat (cut into full rows) or
+                                     # first_fit (a document that fits a row stays whole)
   config.data.passkey_fraction = 0.0  # share of the training documents that are synthetic
                                       # passkey documents (data/passkey.py); [0, 1)
 

@@ -7,8 +7,15 @@ A row of the global batch holds `seq_len` tokens of one or more documents:
   segment_ids     [seq_len] int32  document number inside the row, 1, 2, ...; 0 is padding
   positions       [seq_len] int32  position of each token in its document (restarts at 0)
 
-Documents are concatenated and cut into full rows (a document that continues into the
-next row starts there as a new segment at position 0), so no row is padded. Each row of the global batch is its own stream over a
+`data.packing` says how documents become rows:
+  concat     documents are concatenated and cut into full rows (a document that
+             continues into the next row starts there as a new segment at position 0),
+             so no row is padded. The default: no token is wasted.
+  first_fit  a document that fits in a row stays whole: documents longer than a row
+             are cut into row-sized pieces, and pieces are packed first-fit into rows,
+             the rest padded (segment 0, not in the loss). For tasks that need the
+             whole document in view, such as passkey retrieval (data/passkey.py).
+Each row of the global batch is its own stream over a
 disjoint share of the documents (`Batches`), so a host reads only the documents of
 its rows, and what every row holds depends on the seed only, never on the number of
 hosts. The state is small JSON, saved with every checkpoint, so a resumed run sees
@@ -29,6 +36,8 @@ import grain
 import numpy as np
 
 VALIDATION_EVERY = 50
+PACKINGS = ("concat", "first_fit")
+PACKING_BINS = 8  # first_fit: rows filled at a time (more bins, less padding)
 
 
 def default_corpus() -> list[str]:
@@ -83,7 +92,19 @@ def _to_row(packed):
           "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"]}
 
 
-def _row_stream(documents, tokenizer, seq_len, seed, repeat):
+class _Pieces(grain.experimental.FlatMapTransform):
+  """A document's example -> pieces of at most `seq_len` tokens."""
+  max_fan_out = 1 << 20
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+
+  def flat_map(self, example):
+    return [{key: value[start:start + self.seq_len] for key, value in example.items()}
+            for start in range(0, len(example["inputs"]), self.seq_len)]
+
+
+def _row_stream(documents, tokenizer, seq_len, seed, repeat, packing):
   """One row of every batch: documents shuffled, tokenized, cut and packed into rows."""
   eos = tokenizer.eos_id()
   dataset = grain.MapDataset.source(documents).seed(seed).shuffle()
@@ -91,10 +112,15 @@ def _row_stream(documents, tokenizer, seq_len, seed, repeat):
     dataset = dataset.repeat(None)
   dataset = dataset.map(lambda text: _example(tokenizer.encode(text) + [eos]))
   examples = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
-  # Documents are concatenated and cut into full rows; a document that continues into
-  # the next row starts there as a new segment at position 0.
-  packed = grain.experimental.ConcatThenSplitIterDataset(
-      examples, length_struct={"inputs": seq_len, "targets": seq_len})
+  lengths = {"inputs": seq_len, "targets": seq_len}
+  if packing == "first_fit":
+    pieces = grain.experimental.FlatMapIterDataset(examples, _Pieces(seq_len))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        pieces, length_struct=lengths, num_packing_bins=PACKING_BINS, seed=seed)
+  elif packing == "concat":
+    packed = grain.experimental.ConcatThenSplitIterDataset(examples, length_struct=lengths)
+  else:
+    raise ValueError(f"data.packing={packing!r}: use one of {', '.join(PACKINGS)}")
   return iter(packed.map(_to_row))
 
 
@@ -109,13 +135,14 @@ class Batches:
   """
 
   def __init__(self, documents, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-               first_row: int = 0, rows: int | None = None, repeat: bool = True):
+               first_row: int = 0, rows: int | None = None, repeat: bool = True,
+               packing: str = "concat"):
     rows = batch_size if rows is None else rows
     if len(documents) < batch_size:
       raise ValueError(f"data.batch_size={batch_size} is more than the {len(documents)} "
                        "documents of the corpus; use fewer rows or more data.files")
     self._streams = [_row_stream(documents[row::batch_size], tokenizer, seq_len, seed + row,
-                                 repeat) for row in range(first_row, first_row + rows)]
+                                 repeat, packing) for row in range(first_row, first_row + rows)]
 
   def __iter__(self):
     return self

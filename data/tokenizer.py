@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import re
 
 import sentencepiece as spm
 
@@ -64,8 +65,16 @@ def load_or_train(assets_dir: str, files: list[str], documents, vocab_size: int)
   if not lines:
     raise ValueError("the corpus has no text to train a tokenizer on; check data.files")
   model = io.BytesIO()  # in memory: no model prefix (a path) gets stored in the model
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
-                                 vocab_size=vocab_size, **SETTINGS)
+  try:
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
+                                   vocab_size=vocab_size, **SETTINGS)
+  except RuntimeError as error:  # e.g. "Vocabulary size too high (512). ... <= 391."
+    limit = re.search(r"<= (\d+)", str(error))
+    if limit is None:
+      raise
+    raise ValueError(f"model.vocab_size={vocab_size} is more than a tokenizer trained on "
+                     f"this corpus can hold; use at most {limit.group(1)}, or more "
+                     "data.files") from None
   with open(model_path + ".tmp", "wb") as f:
     f.write(model.getvalue())
   os.replace(model_path + ".tmp", model_path)

@@ -65,6 +65,48 @@ def test_rows_are_packed_documents(corpus, tokenizer):
         np.testing.assert_array_equal(targets[where][:-1], inputs[where][1:])
 
 
+def test_first_fit_packing_keeps_documents_that_fit_whole(corpus, tokenizer):
+  """data.packing=first_fit: a document of at most a row is never cut; longer ones are
+  cut into row-sized pieces; padding is segment 0; the iterator still resumes exactly."""
+  _, code = corpus
+  rng = np.random.default_rng(0)
+  short = [" ".join(f"w{rng.integers(1000)}" for _ in range(rng.integers(5, 30)))
+           for _ in range(120)]
+  documents = [doc for pair in zip(short[::3], short[1::3], short[2::3], code) for doc in pair]
+  eos = tokenizer.eos_id()
+  whole = {tuple(tokenizer.encode(doc) + [eos]) for doc in short}
+  assert all(len(ids) - 1 <= SEQ_LEN for ids in whole)  # a row holds len - 1 predictions
+  iterator, batches = _batches(documents, tokenizer, 12, packing="first_fit")
+  seen_short = seen_cut = 0
+  for batch in batches:
+    for row in range(BATCH):
+      segments, positions = batch["segment_ids"][row], batch["positions"][row]
+      inputs, targets = batch["inputs"][row], batch["targets"][row]
+      real = segments > 0
+      if not real.all():  # padding only at the end
+        assert not real[np.argmin(real):].any()
+      for segment in np.unique(segments[real]):
+        where = segments == segment
+        np.testing.assert_array_equal(positions[where], np.arange(where.sum()))
+        ids = tuple(inputs[where]) + (targets[where][-1],)
+        if ids in whole:
+          seen_short += 1
+        else:  # a piece of a long document: a full row, or the document's last piece
+          seen_cut += 1
+          assert where.sum() == SEQ_LEN or ids[-1] == eos
+  assert seen_short > 10 and seen_cut > 10
+  state = iterator.get_state()
+  after = [next(iterator) for _ in range(2)]
+  resumed, _ = _batches(documents, tokenizer, 0, packing="first_fit")
+  resumed.set_state(state)
+  for expected in after:
+    got = next(resumed)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+  with pytest.raises(ValueError, match="data.packing='best': use one of concat, first_fit"):
+    _batches(documents, tokenizer, 1, packing="best")
+
+
 def test_pipeline_is_deterministic_and_resumes_exactly(corpus, tokenizer):
   _, documents = corpus
   iterator, first = _batches(documents, tokenizer, 5)

@@ -114,6 +114,7 @@ def test_sigterm_saves_and_the_rerun_finishes(uninterrupted, tmp_path):
     (["--config.model.rope.scaling.type=linear", "--config.model.rope.scaling.factor=-2"],
      "model.rope.scaling.factor=-2.0 must be > 0"),
     (["--config.init_from=/nonexistent/run"], "init_from: no checkpoint in /nonexistent/run"),
+    (["--config.data.packing=best"], "data.packing='best': use one of concat, first_fit"),
 ])
 def test_bad_config_is_one_clear_message(tmp_path, extra, message):
   result = run_train(str(tmp_path), *extra, check=False)
@@ -127,6 +128,11 @@ def test_empty_corpus_and_other_model_workdir(tmp_path):
   result = run_train(str(tmp_path / "run"), f"--config.data.files={tmp_path}/empty.txt",
                      check=False)
   assert result.returncode == 2 and "hold no text" in result.stderr
+  (tmp_path / "small.txt").write_text("a small corpus: too few pieces for 1024\n" * 50)
+  result = run_train(str(tmp_path / "small"), f"--config.data.files={tmp_path}/small.txt",
+                     check=False)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert "model.vocab_size=1024 is more than a tokenizer trained on this corpus" in result.stderr
   os.makedirs(tmp_path / "other")
   (tmp_path / "other" / "config.json").write_text(json.dumps({"model": {"dim": 512}}))
   result = run_train(str(tmp_path / "other"), check=False)
