@@ -1,7 +1,8 @@
 """The KV cache of decoding: what the forward wrote for the prompt, plus room to grow.
 
-One [B, Hkv, C, D] key array and one value array per layer, and the position of the
-token in every slot ([B, C], `ring.EMPTY` for padding and unused slots). The split is
+Per layer a key array [B, Hkv, D, C] and a value array [B, Hkv, C, D], and the
+position of the token in every slot ([B, C], `ring.EMPTY` for padding and unused
+slots). The split is
 the forward's own: batch over (data, fsdp), kv heads over tensor, slots over
 `sequence` (a long prompt's cache stays spread over the ring where its prefill
 computed it).
@@ -19,7 +20,7 @@ from parallel import ring
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  keys: tuple       # per layer [B, Hkv, C, D], RoPE applied
+  keys: tuple       # per layer [B, Hkv, D, C], RoPE applied (slots minor: q.k reads them in a row)
   values: tuple     # per layer [B, Hkv, C, D]
   positions: jax.Array  # [B, C] int32 token position of each slot
   step: jax.Array   # int32 scalar: decode steps written so far
@@ -40,10 +41,12 @@ def from_prefill(layer_kv, positions, valid, room: int, mesh) -> KVCache:
     valid: [B, P] bool, False at padding (its slots are never attended to).
     room: decode slots to add, a multiple of mesh.sequence.
   """
-  grow = lambda x, fill: ring.cache_with_room(x, room, fill, mesh=mesh)
-  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, P, Hkv, D] -> [B, Hkv, P, D]
-  return KVCache(keys=tuple(grow(heads_first(k), 0) for k, _ in layer_kv),
-                 values=tuple(grow(heads_first(v), 0) for _, v in layer_kv),
+  grow = lambda x, fill, slot_axis: ring.cache_with_room(x, room, fill, slot_axis=slot_axis,
+                                                         mesh=mesh)
+  keys = lambda k: jnp.transpose(k, (0, 2, 3, 1))  # [B, P, Hkv, D] -> [B, Hkv, D, P]
+  values = lambda v: jnp.swapaxes(v, 1, 2)        # [B, P, Hkv, D] -> [B, Hkv, P, D]
+  return KVCache(keys=tuple(grow(keys(k), 0, ring.KEY_SLOTS) for k, _ in layer_kv),
+                 values=tuple(grow(values(v), 0, ring.VALUE_SLOTS) for _, v in layer_kv),
                  positions=grow(jnp.where(valid, positions, ring.EMPTY).astype(jnp.int32),
-                                ring.EMPTY),
+                                ring.EMPTY, ring.POSITION_SLOTS),
                  step=jnp.zeros((), jnp.int32), prompt_slots=positions.shape[1])

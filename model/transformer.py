@@ -89,10 +89,11 @@ class Attention(nnx.Module):
                                 causal=True, mesh=self.mesh, impl=self.attention.impl,
                                 block_q=self.attention.block_q, block_kv=self.attention.block_kv)
     else:
-      write = lambda array, new: ring.cache_write(array, new, cache.step, cache.prompt_slots,
-                                                  mesh=self.mesh)
-      heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, 1, Hkv, D] -> [B, Hkv, 1, D]
-      k, v = write(cache.keys[layer], heads_first(k)), write(cache.values[layer], heads_first(v))
+      write = lambda array, new, slot_axis: ring.cache_write(
+          array, new, cache.step, cache.prompt_slots, slot_axis=slot_axis, mesh=self.mesh)
+      # [B, 1, Hkv, D] -> keys [B, Hkv, D, 1], values [B, Hkv, 1, D] (model/kv_cache.py)
+      k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
+      v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
       out = ring.decode_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
     # [B, L, H, Dh] x [H, Dh, dim] -> [B, L, dim]
     return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype)), (k, v)
@@ -185,7 +186,8 @@ class Transformer(nnx.Module):
     x = sharding.constrain(x, self.mesh, ("batch", tokens_axis, "act_embed"))
     if cache is not None:  # every layer sees the new token's position in its slot
       cache = dataclasses.replace(cache, positions=ring.cache_write(
-          cache.positions, positions, cache.step, cache.prompt_slots, mesh=self.mesh))
+          cache.positions, positions, cache.step, cache.prompt_slots,
+          slot_axis=ring.POSITION_SLOTS, mesh=self.mesh))
 
     def run_block(block, x, layer):
       return block(x, cos, sin, positions, segment_ids, cache, layer)
