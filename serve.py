@@ -24,9 +24,11 @@ The engine (`Engine`, also used by the evaluation tools):
   row is done; sampling (temperature, top-k, top-p, per-request seeds) runs inside it.
 - Requests are grouped by (prompt bucket, decode bucket), powers of two, into batches
   of up to `serve.batch_size` rows, so there is one prefill and one decode compilation
-  per bucket pair and batch size.
+  per bucket pair and batch size. serve.py compiles them from the parameters' shapes
+  while the checkpoint loads (`Engine.compile`), so compilation and loading overlap.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -308,26 +310,51 @@ class Engine:
     steps_done, cache, _, _, _, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, carry)
     return steps_done, cache, out_tokens, out_logprobs
 
-  def generate(self, requests: list, progress=None) -> dict:
-    """Serves `requests`; returns {line: result dict}. A batch that fails (e.g. out of
-    memory) gives its lines error results; the other batches are still served."""
+  def batches(self, requests: list) -> list:
+    """[(prompt bucket, decode-room bucket, requests)]: batches of at most batch_size
+    requests that share both buckets."""
     groups = {}
     for request in requests:
       key = (self.prompt_bucket(len(request.prompt_tokens)), self.room_bucket(request.max_tokens))
       groups.setdefault(key, []).append(request)
+    return [(prompt_len, room, group[start:start + self.batch_size])
+            for (prompt_len, room), group in sorted(groups.items())
+            for start in range(0, len(group), self.batch_size)]
+
+  def compile(self, requests: list) -> None:
+    """Compiles, without running, what serving `requests` takes. Needs only the
+    parameters' shapes and shardings: an Engine built on an abstract model
+    (`nnx.eval_shape`, or transformer.abstract) compiles while the checkpoint loads;
+    `use_parameters` then brings the real ones."""
+    for prompt_len, room, batch in self.batches(requests):
+      try:
+        args, sampling, lengths = self._prefill_inputs(batch, prompt_len)
+        _, _, cache = self._prefill_executable(args, room, sampling).out_info
+        zeros = lambda dtype: np.zeros(len(lengths), dtype)
+        self._decode_executable(cache, zeros(np.int32), zeros(np.int32), zeros(bool),
+                                zeros(np.int32), zeros(np.int32), args[-1], sampling)
+      except Exception:  # noqa: BLE001 (generate compiles it again and reports the error
+        continue         # on the batch's lines)
+
+  def use_parameters(self, model) -> None:
+    """Serves with `model`'s parameters (the same shapes and shardings as the model
+    the engine was built with)."""
+    self.model, self.state = model, nnx.split(model)[1]
+
+  def generate(self, requests: list, progress=None) -> dict:
+    """Serves `requests`; returns {line: result dict}. A batch that fails (e.g. out of
+    memory) gives its lines error results; the other batches are still served."""
     results = {}
-    for (prompt_len, room), group in sorted(groups.items()):
-      for start in range(0, len(group), self.batch_size):
-        batch = group[start:start + self.batch_size]
-        try:
-          for row in self._generate_batch(batch, prompt_len, room):
-            results[row.request.line] = self._result(row)
-        except Exception as error:  # noqa: BLE001 (the batch's lines report it)
-          message = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
-          for request in batch:
-            results[request.line] = error_record(request.line, request.id, message)
-        if progress is not None:
-          progress.update(len(batch))
+    for prompt_len, room, batch in self.batches(requests):
+      try:
+        for row in self._generate_batch(batch, prompt_len, room):
+          results[row.request.line] = self._result(row)
+      except Exception as error:  # noqa: BLE001 (the batch's lines report it)
+        message = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
+        for request in batch:
+          results[request.line] = error_record(request.line, request.id, message)
+      if progress is not None:
+        progress.update(len(batch))
     return results
 
   def _result(self, row: _Row) -> dict:
@@ -339,10 +366,16 @@ class Engine:
       result["logprobs"] = row.logprobs
     return result
 
-  def _generate_batch(self, batch: list, prompt_len: int, room: int) -> list:
-    rows = [_Row(request) for request in batch]
+  def _put(self, array, logical_axes):
+    return jax.device_put(np.ascontiguousarray(array),
+                          sharding.named_sharding(self.mesh, logical_axes))
+
+  def _prefill_inputs(self, batch: list, prompt_len: int):
+    """(prefill arguments, sampling, prompt lengths [rows]) of a batch, padded to the
+    rows bucket with copies of its last request (ignored). The arguments end with the
+    per-row sampling parameters (temperature, top_k, top_p, seed)."""
     size = self._rows_bucket(len(batch))
-    padded = batch + [batch[-1]] * (size - len(batch))  # padding rows: copies, ignored
+    padded = batch + [batch[-1]] * (size - len(batch))
     tokens = np.zeros((size, prompt_len), np.int32)
     valid = np.zeros((size, prompt_len), bool)
     for i, request in enumerate(padded):
@@ -353,26 +386,41 @@ class Engine:
     # The prompt's tokens in zigzag order over the ring; the last prompt token's index there.
     order = layout.to_zigzag(np.arange(prompt_len)[None], self.ring)[0]
     last_index = np.argsort(order)[lengths - 1].astype(np.int32)
-    token_sharding = sharding.named_sharding(self.mesh, ("batch", "sequence"))
-    row_sharding = sharding.named_sharding(self.mesh, ("batch",))
-    put = lambda x, s: jax.device_put(np.ascontiguousarray(x), s)
-    prompt_arrays = [put(layout.to_zigzag(x, self.ring), token_sharding)
+    prompt_arrays = [self._put(layout.to_zigzag(x, self.ring), ("batch", "sequence"))
                      for x in (tokens, positions, valid)]
-    params = tuple(put(np.array([getattr(r, field) for r in padded], dtype), row_sharding)
+    params = tuple(self._put(np.array([getattr(r, field) for r in padded], dtype), ("batch",))
                    for field, dtype in (("temperature", np.float32), ("top_k", np.int32),
                                         ("top_p", np.float32), ("seed", np.uint32)))
     sampling = any(r.temperature > 0 for r in batch)
+    args = (self.state, *prompt_arrays, self._put(last_index, ("batch",)), params)
+    return args, sampling, lengths
 
-    args = (self.state, *prompt_arrays, put(last_index, row_sharding), params)
-    prefill = self._compile("prefill", self._prefill_fn, args,
-                            (("room", room), ("sampling", sampling)))
+  def _prefill_executable(self, args, room: int, sampling: bool):
+    return self._compile("prefill", self._prefill_fn, args,
+                         (("room", room), ("sampling", sampling)))
+
+  def _decode_executable(self, cache, token, position, done, generated, max_tokens, params,
+                         sampling):
+    """(decode executable, its arguments); the row arrays are [rows] numpy arrays."""
+    args = (self.state, cache, *(self._put(x, ("batch",)) for x in
+                                 (token, position, done, generated, max_tokens)), params)
+    return self._compile("decode", self._decode_fn, args,
+                         (("steps", self.decode_chunk), ("sampling", sampling)),
+                         donate=(1,)), args
+
+  def _generate_batch(self, batch: list, prompt_len: int, room: int) -> list:
+    rows = [_Row(request) for request in batch]
+    args, sampling, lengths = self._prefill_inputs(batch, prompt_len)
+    prefill = self._prefill_executable(args, room, sampling)
+    params, size = args[-1], len(lengths)
     start = time.perf_counter()
     first, first_logprob, cache = prefill(*args)
     first, first_logprob = np.asarray(first), np.asarray(first_logprob)
     self.stats["prefill_s"] += time.perf_counter() - start
     self.stats["prefill_tokens"] += int(lengths[:len(batch)].sum())
 
-    max_tokens = np.array([r.max_tokens for r in padded], np.int32)
+    max_tokens = np.array([r.max_tokens for r in batch]
+                          + [batch[-1].max_tokens] * (size - len(batch)), np.int32)
     done = np.zeros(size, bool)
     done[len(batch):] = True
     for i, row in enumerate(rows):
@@ -381,11 +429,8 @@ class Engine:
     generated = np.ones(size, np.int32)
     start, compile_start = time.perf_counter(), self.stats["compile_s"]
     while not done.all():
-      args = (self.state, cache, put(token, row_sharding), put(position, row_sharding),
-              put(done, row_sharding), put(generated, row_sharding),
-              put(max_tokens, row_sharding), params)
-      decode = self._compile("decode", self._decode_fn, args,
-                             (("steps", self.decode_chunk), ("sampling", sampling)), donate=(1,))
+      decode, args = self._decode_executable(cache, token, position, done, generated,
+                                             max_tokens, params, sampling)
       steps, cache, out_tokens, out_logprobs = decode(*args)
       steps, out_tokens, out_logprobs = (int(steps), np.asarray(out_tokens),
                                          np.asarray(out_logprobs))
@@ -512,20 +557,30 @@ def main(argv):
       results[number] = error_record(number, _request_id(raw), str(error))
 
   longest = max((len(r.prompt_tokens) + r.max_tokens for r in requests), default=0)
-  load_start = time.perf_counter()
+  load = functools.partial(evaluation.load_model, step_dir, config, named)
   try:
     mesh = mesh_lib.make_mesh(_mesh_sizes(config, named, longest))
-    model, _, _ = evaluation.load_model(step_dir, config, named, mesh, max_context)
-    mesh_lib.validate(model.config, mesh)
+    shapes, _, _ = load(mesh, max_context, abstract=True)  # parameters' shapes only
+    mesh_lib.validate(shapes.config, mesh)
   except (ConfigError, ValueError) as error:
     fail(str(error))
-  load_s = time.perf_counter() - load_start
   eos_ids = evaluation.end_of_sequence_ids(saved)
   if tokenizer is not None:
     eos_ids.append(tokenizer.eos_id())
-  engine = Engine(model, mesh, tokenizer=tokenizer, eos_ids=eos_ids,
+  engine = Engine(shapes, mesh, tokenizer=tokenizer, eos_ids=eos_ids,
                   batch_size=config.serve.batch_size, min_bucket=config.serve.min_bucket,
                   decode_chunk=config.serve.decode_chunk)
+
+  def timed_load():
+    start = time.perf_counter()
+    return load(mesh, max_context)[0], time.perf_counter() - start
+
+  # The executables need only the parameters' shapes: compile while the checkpoint loads.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    loading = pool.submit(timed_load)
+    engine.compile(requests)
+    model, load_s = loading.result()
+  engine.use_parameters(model)
 
   with tqdm(total=len(requests), desc="serve", unit="req", disable=None, file=sys.stderr) as bar:
     results.update(engine.generate(requests, progress=bar))

@@ -229,6 +229,23 @@ def create(config: ModelConfig, mesh, seed: int = 0,
   return nnx.merge(graphdef, state)
 
 
+def abstract(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
+             **model_overrides) -> tuple[Transformer, str, dict]:
+  """(model, checkpoint step directory, its meta) where the model's parameters are
+  jax.ShapeDtypeStructs with their shardings on `mesh`: what `load` will place there,
+  known without reading a parameter (serve.py compiles while the checkpoint loads).
+  Arguments as for `load`."""
+  from model import checkpoint
+  step_dir, meta = checkpoint.load_meta(path)
+  config = dataclasses.replace(ModelConfig.from_dict(meta["config"]["model"]), **model_overrides)
+  make = lambda: Transformer(config, mesh, attention, rngs=nnx.Rngs(0))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+  shardings = nnx.to_pure_dict(sharding.param_shardings(abstract_state, mesh))
+  targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         nnx.to_pure_dict(abstract_state), shardings)
+  return nnx.merge(graphdef, targets), step_dir, meta
+
+
 def load(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
          **model_overrides) -> tuple[Transformer, dict]:
   """(model, checkpoint meta) from a run directory or checkpoint step (training runs and
@@ -238,12 +255,7 @@ def load(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
   replace fields that do not change the parameters (rope, max_seq_len, dtype, remat).
   """
   from model import checkpoint
-  step_dir, meta = checkpoint.load_meta(path)
-  config = dataclasses.replace(ModelConfig.from_dict(meta["config"]["model"]), **model_overrides)
-  make = lambda: Transformer(config, mesh, attention, rngs=nnx.Rngs(0))
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
-  shardings = nnx.to_pure_dict(sharding.param_shardings(abstract_state, mesh))
-  targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         nnx.to_pure_dict(abstract_state), shardings)
-  params, meta = checkpoint.load_params(step_dir, targets)
+  model, step_dir, _ = abstract(path, mesh, attention, **model_overrides)
+  graphdef, targets = nnx.split(model)
+  params, meta = checkpoint.load_params(step_dir, nnx.to_pure_dict(targets))
   return nnx.merge(graphdef, params), meta

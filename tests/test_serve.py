@@ -109,6 +109,25 @@ def test_compilations_stay_within_the_buckets(engines, rng):
   assert engine.compilations == before == 4  # (prefill + decode) x 2 prompt buckets
 
 
+def test_compiled_from_parameter_shapes(engines, rng):
+  """serve.py's start-up: an engine on the parameters' shapes compiles what a batch
+  needs (while the checkpoint loads); with the real parameters it serves the batch
+  without compiling again, with the same tokens."""
+  served = engines["seq8"]
+  graphdef, state = nnx.split(served.model)
+  shapes = nnx.merge(graphdef, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  engine = serve.Engine(shapes, served.mesh, decode_chunk=4)
+  batch = requests(rng)
+  engine.compile(batch)
+  assert engine.compilations == 4  # (prefill + decode) x 2 prompt buckets
+  engine.use_parameters(served.model)
+  results = engine.generate(batch)
+  assert engine.compilations == 4
+  expected = served.generate(batch)
+  assert [results[r.line]["tokens"] for r in batch] == [expected[r.line]["tokens"] for r in batch]
+
+
 def test_sampling_is_reproducible_per_seed(engines, rng):
   prompt = rng.integers(0, 256, 12).tolist()
   make = lambda line, seed, **kw: serve.Request(line=line, id=line, prompt_tokens=prompt,

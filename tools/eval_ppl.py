@@ -2,7 +2,7 @@
 
   python -m tools.eval_ppl --checkpoint=DIR --seq_len=256,1024 \\
       [--config.model.rope.scaling.type=linear --config.model.rope.scaling.factor=4] \\
-      [--config.data.files=...] [--stride=256] [--max_tokens=16384] [--plot=ppl.png]
+      [--config.data.files=...] [--stride=256] [--max_tokens=100000] [--plot=ppl.png]
 
 Held-out data: the validation split of the checkpoint's own data files (or
 --config.data.files). Every length scores the same tokens: the first documents long
@@ -28,7 +28,8 @@ from configs.cli import fail
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
 _SEQ_LEN = flags.DEFINE_list("seq_len", ["256", "1024"], "Context lengths to evaluate.")
 _STRIDE = flags.DEFINE_integer("stride", 256, "Window stride in tokens.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 16384, "Tokens to score (whole documents).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 100_000, "Tokens to score (whole documents; "
+                                   "the default is ~20 documents of the stdlib corpus).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
 _PLOT = flags.DEFINE_string("plot", "", "PNG path (default: <run>/eval/ppl.png).")
 _LABEL = flags.DEFINE_string("label", "", "Curve label in the plot (default: the checkpoint).")

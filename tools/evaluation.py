@@ -59,9 +59,11 @@ def load(checkpoint: str, config, named: set[str], mesh, seq_len: int):
   return model, load_tokenizer(ckpt_lib.find_step_dir(checkpoint), saved), saved, files
 
 
-def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int):
+def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int,
+               abstract: bool = False):
   """(model, saved run config, data.files): the model of `checkpoint` on `mesh`, with
-  the overrides the command line named, extended (if asked) to `seq_len` tokens."""
+  the overrides the command line named, extended (if asked) to `seq_len` tokens.
+  `abstract`: parameters as shapes and shardings only (transformer.abstract)."""
   step_dir, meta = ckpt_lib.load_meta(checkpoint)
   saved = meta["config"]
   config = config.copy_and_resolve_references()
@@ -73,8 +75,8 @@ def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int):
                if key not in inherit.SHAPE_FIELDS}
   rope = overrides.pop("rope")
   overrides["rope"] = RopeConfig(theta=rope["theta"], scaling=RopeScaling(**rope["scaling"]))
-  model, _ = transformer.load(step_dir, mesh, AttentionConfig(**config.attention.to_dict()),
-                              **overrides)
+  build = transformer.abstract if abstract else transformer.load
+  model = build(step_dir, mesh, AttentionConfig(**config.attention.to_dict()), **overrides)[0]
   return model, saved, files
 
 

@@ -55,7 +55,10 @@ def main(argv=None):
     with open(results_path, "w") as f:
       json.dump(results, f, indent=2)
 
-  common = [f"--config.data.passkey_fraction={args.passkey_fraction}", "--config.log.every=25"]
+  # first_fit packing: a passkey document is never cut between rows (its key and its
+  # question stay in one row).
+  common = [f"--config.data.passkey_fraction={args.passkey_fraction}",
+            "--config.data.packing=first_fit", "--config.log.every=25"]
   run([python, "train.py", "--config=configs/tiny.py", f"--workdir={base}",
        "--config.data.seq_len=256", "--config.data.batch_size=16",
        f"--config.train.steps={args.base_steps}", "--config.checkpoint.every=100",
