@@ -109,6 +109,11 @@ def main(argv=None):
       results["passkey"][name] = dict(last_json(output), heatmap=os.path.splitext(out)[0] + ".png")
       save()
 
+  write_report(results, work)
+
+
+def write_report(results: dict, work: str) -> None:
+  """results.md (the perplexity and passkey tables) and ppl.png in `work`."""
   lengths = [int(x) for x in LENGTHS.split(",")]
   rows = ["| model | " + " | ".join(f"ppl @ {n}" for n in lengths) + " |",
           "|---|" + "---|" * len(lengths)]
