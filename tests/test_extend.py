@@ -112,6 +112,26 @@ def test_eval_ppl_and_passkey(source, tmp_path):
   assert json.loads(result.stdout.strip().splitlines()[-1])["k_max"] == summary["k_max"]
 
 
+def test_copy_probe_scores_each_copy(source):
+  from tools import copy_probe
+  rows = copy_probe.probe_rows(vocab_size=50, length=10, rows=3, multiple=8, seed=1)
+  assert rows.shape == (3, 25)  # 2 x 10 tokens rounded up to 24, plus the last target
+  np.testing.assert_array_equal(rows[:, 10:20], rows[:, :10])
+  assert rows.min() >= copy_probe.FIRST_ID and rows.max() < 50
+  # An oracle that knows exactly the tokens a copy repeats: targets 10..19 are the
+  # second copy's tokens 11..20; only 11..19 are predictable from the first copy.
+  log_probs = np.full((3, 24), -3.0)
+  log_probs[:, 10:19] = 0.0
+  assert copy_probe.copy_losses(log_probs, 10) == (3.0, 0.0)
+  log_probs[:, 19] = -5.0  # target 19 is the padding after the second copy: not scored
+  assert copy_probe.copy_losses(log_probs, 10) == (3.0, 0.0)
+
+  result = run(["-m", "tools.copy_probe", f"--checkpoint={source}", "--length=20", "--rows=2"])
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["length"] == 20 and summary["first"] > 1
+  assert 0.5 < summary["copy_ratio"] < 1.5  # 3 training steps: no copying yet
+
+
 def test_passkey_prompts_have_the_asked_length(tmp_path):
   from data import pipeline, tokenizer as tokenizer_lib
   from data.passkey import k_max, prompt_ids

@@ -1,0 +1,91 @@
+"""In-context copying: does a model predict a random token sequence when it repeats?
+
+  python -m tools.copy_probe --checkpoint=DIR [--length=100] [--rows=8] [--seed=0]
+
+Each row is `length` random tokens, the same tokens again, then random tokens up to a
+row length the ring divides. A model that can retrieve from its context (passkey
+retrieval; perplexity that falls with longer context) predicts the second copy far
+better than the first, which no model can predict (induction heads, Olsson et al.
+2022). Prints the mean loss in nats per token on each copy; the last stdout line is
+JSON {"first": ..., "second": ..., "copy_ratio": second / first, "length": ...}: near
+1 when the model does not copy, near 0 when it copies perfectly.
+"""
+
+import json
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import base
+from configs.cli import fail
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
+_LENGTH = flags.DEFINE_integer("length", 100, "Tokens in the sequence that repeats.")
+_ROWS = flags.DEFINE_integer("rows", 8, "Rows (independent random sequences).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+_CONFIG = config_flags.DEFINE_config_dict("config", base.get_config(),
+                                          "Overrides of the checkpoint's config.")
+
+FIRST_ID = 3  # sentencepiece's <unk>, <s>, </s> come first: the probe uses ids after them
+
+
+def probe_rows(vocab_size: int, length: int, rows: int, multiple: int, seed: int):
+  """Token rows [rows, L + 1] (inputs = [:, :-1], targets = [:, 1:]): random tokens,
+  the same `length` tokens again from index `length`, random padding after; L is the
+  smallest multiple of `multiple` that holds both copies."""
+  total = -(-(2 * length) // multiple) * multiple
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(FIRST_ID, vocab_size, (rows, total + 1), dtype=np.int32)
+  tokens[:, length:2 * length] = tokens[:, :length]
+  return tokens
+
+
+def copy_losses(log_probs: np.ndarray, length: int) -> tuple[float, float]:
+  """(mean loss on the first copy, on the second) from log p(target) [rows, L], where
+  target j is token j + 1: the first copy's tokens 1..length-1 and the second copy's
+  tokens length+1..2*length-1 (the second copy's first token cannot be predicted)."""
+  first = -log_probs[:, 0:length - 1]
+  second = -log_probs[:, length:2 * length - 1]
+  return float(first.mean()), float(second.mean())
+
+
+def main(argv):
+  del argv
+  import jax
+  jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  import logging
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+  from configs import inherit
+  from model.config import ConfigError
+  from parallel import mesh as mesh_lib
+  from tools import evaluation
+
+  if _LENGTH.value < 2 or _ROWS.value < 1:
+    fail("--length must be at least 2 and --rows at least 1")
+  named = inherit.named_fields(sys.argv)
+  try:
+    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(_CONFIG.value, named))
+    multiple = 2 * mesh.shape["sequence"]
+    seq_len = -(-(2 * _LENGTH.value) // multiple) * multiple
+    model, _, _ = evaluation.load_model(_CHECKPOINT.value, _CONFIG.value, named, mesh, seq_len)
+    mesh_lib.validate(model.config, mesh, seq_len=seq_len)
+  except FileNotFoundError as error:
+    fail(f"--checkpoint: {error}")
+  except (ConfigError, ValueError) as error:
+    fail(str(error))
+  rows = probe_rows(model.config.vocab_size, _LENGTH.value, _ROWS.value, multiple, _SEED.value)
+  log_probs, _ = evaluation.Scorer(model, mesh)(rows[:, :-1], rows[:, 1:])
+  first, second = copy_losses(np.asarray(log_probs, np.float64), _LENGTH.value)
+  print(f"loss on the first copy {first:.3f} nats/token, on the second {second:.3f} "
+        f"(ratio {second / first:.3f}; 1: no copying, 0: perfect copying)")
+  print(json.dumps({"first": first, "second": second, "copy_ratio": second / first,
+                    "length": _LENGTH.value, "rows": _ROWS.value}))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["checkpoint"])
+  app.run(main)
