@@ -21,13 +21,20 @@ from ml_collections import config_flags
 from configs import base
 from configs.cli import fail
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
-_LENGTH = flags.DEFINE_integer("length", 100, "Tokens in the sequence that repeats.")
-_ROWS = flags.DEFINE_integer("rows", 8, "Rows (independent random sequences).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
-_CONFIG = config_flags.DEFINE_config_dict("config", base.get_config(),
-                                          "Overrides of the checkpoint's config.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line's flags, defined only when the tool runs as a program (tests
+  import its functions next to train.py, which defines flags of the same names)."""
+  flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
+  flags.DEFINE_integer("length", 100, "Tokens in the sequence that repeats.")
+  flags.DEFINE_integer("rows", 8, "Rows (independent random sequences).")
+  flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
+  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+  config_flags.DEFINE_config_dict("config", base.get_config(),
+                                  "Overrides of the checkpoint's config.")
+
 
 FIRST_ID = 3  # sentencepiece's <unk>, <s>, </s> come first: the probe uses ids after them
 
@@ -55,7 +62,7 @@ def copy_losses(log_probs: np.ndarray, length: int) -> tuple[float, float]:
 def main(argv):
   del argv
   import jax
-  jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   import logging
   logging.getLogger("absl").setLevel(logging.WARNING)
 
@@ -64,28 +71,29 @@ def main(argv):
   from parallel import mesh as mesh_lib
   from tools import evaluation
 
-  if _LENGTH.value < 2 or _ROWS.value < 1:
+  if FLAGS.length < 2 or FLAGS.rows < 1:
     fail("--length must be at least 2 and --rows at least 1")
   named = inherit.named_fields(sys.argv)
   try:
-    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(_CONFIG.value, named))
+    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(FLAGS.config, named))
     multiple = 2 * mesh.shape["sequence"]
-    seq_len = -(-(2 * _LENGTH.value) // multiple) * multiple
-    model, _, _ = evaluation.load_model(_CHECKPOINT.value, _CONFIG.value, named, mesh, seq_len)
+    seq_len = -(-(2 * FLAGS.length) // multiple) * multiple
+    model, _, _ = evaluation.load_model(FLAGS.checkpoint, FLAGS.config, named, mesh, seq_len)
     mesh_lib.validate(model.config, mesh, seq_len=seq_len)
   except FileNotFoundError as error:
     fail(f"--checkpoint: {error}")
   except (ConfigError, ValueError) as error:
     fail(str(error))
-  rows = probe_rows(model.config.vocab_size, _LENGTH.value, _ROWS.value, multiple, _SEED.value)
+  rows = probe_rows(model.config.vocab_size, FLAGS.length, FLAGS.rows, multiple, FLAGS.seed)
   log_probs, _ = evaluation.Scorer(model, mesh)(rows[:, :-1], rows[:, 1:])
-  first, second = copy_losses(np.asarray(log_probs, np.float64), _LENGTH.value)
+  first, second = copy_losses(np.asarray(log_probs, np.float64), FLAGS.length)
   print(f"loss on the first copy {first:.3f} nats/token, on the second {second:.3f} "
         f"(ratio {second / first:.3f}; 1: no copying, 0: perfect copying)")
   print(json.dumps({"first": first, "second": second, "copy_ratio": second / first,
-                    "length": _LENGTH.value, "rows": _ROWS.value}))
+                    "length": FLAGS.length, "rows": FLAGS.rows}))
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["checkpoint"])
   app.run(main)
