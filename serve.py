@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from configs import base, inherit
 from configs.cli import fail, parse_flags
-from model import checkpoint as ckpt_lib, kv_cache
+from model import checkpoint as ckpt_lib, kv_cache, transformer
 from model.config import ConfigError
 from parallel import layout, mesh as mesh_lib, sharding
 from tools import evaluation
@@ -419,8 +419,8 @@ class Engine:
     self.stats["prefill_s"] += time.perf_counter() - start
     self.stats["prefill_tokens"] += int(lengths[:len(batch)].sum())
 
-    max_tokens = np.array([r.max_tokens for r in batch]
-                          + [batch[-1].max_tokens] * (size - len(batch)), np.int32)
+    max_tokens = np.ones(size, np.int32)  # padding rows are done from the start
+    max_tokens[:len(batch)] = [r.max_tokens for r in batch]
     done = np.zeros(size, bool)
     done[len(batch):] = True
     for i, row in enumerate(rows):
@@ -557,10 +557,10 @@ def main(argv):
       results[number] = error_record(number, _request_id(raw), str(error))
 
   longest = max((len(r.prompt_tokens) + r.max_tokens for r in requests), default=0)
-  load = functools.partial(evaluation.load_model, step_dir, config, named)
   try:
     mesh = mesh_lib.make_mesh(_mesh_sizes(config, named, longest))
-    shapes, _, _ = load(mesh, max_context, abstract=True)  # parameters' shapes only
+    shapes, _, _ = evaluation.load_model(step_dir, config, named, mesh, max_context,
+                                         abstract=True)  # the parameters' shapes only
     mesh_lib.validate(shapes.config, mesh)
   except (ConfigError, ValueError) as error:
     fail(str(error))
@@ -573,7 +573,7 @@ def main(argv):
 
   def timed_load():
     start = time.perf_counter()
-    return load(mesh, max_context)[0], time.perf_counter() - start
+    return transformer.load_parameters(shapes, step_dir)[0], time.perf_counter() - start
 
   # The executables need only the parameters' shapes: compile while the checkpoint loads.
   with concurrent.futures.ThreadPoolExecutor(1) as pool:

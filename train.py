@@ -190,9 +190,7 @@ def train(config, workdir: str, named: set[str]) -> bool:
       raise ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "
                         f"train.grad_accum={config.train.grad_accum} x mesh.data*mesh.fsdp="
                         f"{data_shards} (every micro-batch is split over the data shards)")
-    if config.data.packing not in pipeline.PACKINGS:
-      raise ConfigError(f"data.packing={config.data.packing!r}: use one of "
-                        f"{', '.join(pipeline.PACKINGS)}")
+    pipeline.check_packing(config.data.packing)
     if not 0 <= config.data.passkey_fraction < 1:
       raise ConfigError(f"data.passkey_fraction={config.data.passkey_fraction} must be in "
                         "[0, 1): the share of the training documents that are passkey documents")

@@ -104,6 +104,11 @@ class _Pieces(grain.experimental.FlatMapTransform):
             for start in range(0, len(example["inputs"]), self.seq_len)]
 
 
+def check_packing(packing: str) -> None:
+  if packing not in PACKINGS:
+    raise ValueError(f"data.packing={packing!r}: use one of {', '.join(PACKINGS)}")
+
+
 def _row_stream(documents, tokenizer, seq_len, seed, repeat, packing):
   """One row of every batch: documents shuffled, tokenized, cut and packed into rows."""
   eos = tokenizer.eos_id()
@@ -117,10 +122,8 @@ def _row_stream(documents, tokenizer, seq_len, seed, repeat, packing):
     pieces = grain.experimental.FlatMapIterDataset(examples, _Pieces(seq_len))
     packed = grain.experimental.FirstFitPackIterDataset(
         pieces, length_struct=lengths, num_packing_bins=PACKING_BINS, seed=seed)
-  elif packing == "concat":
-    packed = grain.experimental.ConcatThenSplitIterDataset(examples, length_struct=lengths)
   else:
-    raise ValueError(f"data.packing={packing!r}: use one of {', '.join(PACKINGS)}")
+    packed = grain.experimental.ConcatThenSplitIterDataset(examples, length_struct=lengths)
   return iter(packed.map(_to_row))
 
 
@@ -138,6 +141,7 @@ class Batches:
                first_row: int = 0, rows: int | None = None, repeat: bool = True,
                packing: str = "concat"):
     rows = batch_size if rows is None else rows
+    check_packing(packing)
     if len(documents) < batch_size:
       raise ValueError(f"data.batch_size={batch_size} is more than the {len(documents)} "
                        "documents of the corpus; use fewer rows or more data.files")

@@ -254,8 +254,14 @@ def load(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
   The model's shape comes from the checkpoint's saved config; `model_overrides`
   replace fields that do not change the parameters (rope, max_seq_len, dtype, remat).
   """
+  shapes, step_dir, _ = abstract(path, mesh, attention, **model_overrides)
+  return load_parameters(shapes, step_dir)
+
+
+def load_parameters(shapes: Transformer, step_dir: str) -> tuple[Transformer, dict]:
+  """(model, checkpoint meta): the parameters of checkpoint `step_dir` read straight
+  into the shapes and shardings of `shapes` (a model from `abstract`)."""
   from model import checkpoint
-  model, step_dir, _ = abstract(path, mesh, attention, **model_overrides)
-  graphdef, targets = nnx.split(model)
+  graphdef, targets = nnx.split(shapes)
   params, meta = checkpoint.load_params(step_dir, nnx.to_pure_dict(targets))
   return nnx.merge(graphdef, params), meta
