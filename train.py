@@ -266,7 +266,7 @@ def train(config, workdir: str, named: set[str]) -> bool:
   elif config.init_from:
     try:
       params, meta = ckpt_lib.load_params(init_dir, abstract(params))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
       fail(f"init_from: {error}")
     if lead:
       print(f"initialised parameters from {config.init_from} (step {meta['step']})", flush=True)

@@ -8,7 +8,7 @@ Tensors. transformers stores a Linear as [out, in]; ringlm keeps heads explicit:
   q_proj [H·Dh, D] -> wq [D, H, Dh]       o_proj [D, H·Dh] -> wo [H, Dh, D]
   k/v_proj [Hkv·Dh, D] -> wk/wv [D, Hkv, Dh]   q/k/v bias [H·Dh] -> bq/bk/bv [H, Dh]
   gate/up_proj [F, D] -> w_gate/w_up [D, F]    down_proj [D, F] -> w_down [F, D]
-  lm_head [V, D] -> lm_head [D, V]             embed_tokens, norms: as they are
+  lm_head, embed_tokens [V, D], norms: as they are
 RoPE needs no permutation: ringlm rotates halves as transformers does.
 """
 
@@ -174,7 +174,7 @@ def tensor_map(config: ModelConfig) -> list[tuple[str, tuple, str]]:
   entries = [("model.embed_tokens.weight", ("embed",), "copy"),
              ("model.norm.weight", ("final_norm", "scale"), "copy")]
   if not config.tie_embeddings:
-    entries.append(("lm_head.weight", ("lm_head",), "linear"))
+    entries.append(("lm_head.weight", ("lm_head",), "copy"))
   for i in range(config.n_layers):
     hf, ours = f"model.layers.{i}.", ("blocks", i)
     entries += [

@@ -95,3 +95,17 @@ def test_checksum_sees_one_flipped_bit():
   flipped.view(np.uint32)[500] ^= 1  # the lowest mantissa bit of one value
   assert ckpt_lib.checksums({"x": x}) != ckpt_lib.checksums({"x": jnp.asarray(flipped)})
   assert ckpt_lib.checksums({"x": x}) == ckpt_lib.checksums({"x": x + 0})
+
+
+def test_a_parameter_of_another_shape_is_named_before_reading(tmp_path):
+  """A checkpoint whose lm_head is [dim, vocab] (the layout before 2026-11-26) or that
+  lacks a parameter is refused with a message naming it."""
+  rng = np.random.default_rng(0)
+  ckpt_lib.save_params(str(tmp_path / "old"), {"lm_head": rng.standard_normal((4, 8))}, {})
+  target = {"lm_head": jax.ShapeDtypeStruct((8, 4), jnp.float64)}
+  with pytest.raises(ValueError, match=r"lm_head with shape \(4, 8\).*needs \(8, 4\).*"
+                                       r"\[vocab, dim\]"):
+    ckpt_lib.load_params(str(tmp_path / "old"), target)
+  with pytest.raises(ValueError, match="has no parameter embed"):
+    ckpt_lib.load_params(str(tmp_path / "old"),
+                         dict(target, embed=jax.ShapeDtypeStruct((8, 4), jnp.float32)))
