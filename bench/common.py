@@ -58,6 +58,14 @@ def matmul_peak(mesh, size: int = 4096, repeats: int = 5) -> dict:
           "peak_flops": max(single, parallel)}
 
 
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+  """Bytes/s of reading a large fp32 array once (a sum over it) on the default device: the
+  most a memory-bound step (batch decode) can stream."""
+  x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+  summed = jax.jit(jnp.sum).lower(x).compile()
+  return x.nbytes / min(time_compiled(summed, (x,), repeats))
+
+
 def write_json(path: str, payload: dict) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:

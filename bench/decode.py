@@ -13,7 +13,9 @@ timed around the subprocess (start-up, imports, loading and compilation included
   ringlm cold   serve.py --cpu_devices=1, empty persistent compilation cache
   ringlm warm   the same, reusing that cache (RINGLM_COMPILATION_CACHE)
 Greedy tokens are compared row by row (fp32 argmax ties can flip; reported, not hidden).
-Decode FLOP/s are given as % of the matmul peak measured in the same run on one device.
+Decode FLOP/s are given as % of the matmul peak measured in the same run on one device,
+next to the most the memory bandwidth allows (the roofline: the bytes decode must read,
+weights once a step and every row's keys and values, at the bandwidth of a large sum).
 The 16K case: one 16384-token prompt, max_tokens 1, serve.py on 8 devices with the
 cache sharded over the sequence, against one transformers forward (SDPA) of the prompt.
 Peak RSS of each child comes from /usr/bin/time. Prints tables and writes JSON.
@@ -65,6 +67,23 @@ def decode_flops(model: dict, prompt_lens: list, generated: list) -> float:
     steps = max(count - 1, 0)
     contexts = steps * prompt_len + steps * (steps + 1) // 2  # sum of prompt_len + s
     total += 2 * params * steps + width * contexts
+  return total
+
+
+def decode_bytes(model: dict, prompt_lens: list, generated: list) -> float:
+  """Bytes the decode phase reads at the least, in fp32: each step (the rows decode
+  together) reads the non-embedding weights once, and each row its keys and values:
+
+    4 * non_embedding_params * max(generated - 1)
+      + sum over rows and steps s: 4 * 2 * layers * kv_heads * head_dim * (prompt_len + s)
+  """
+  head_dim = model["hidden_size"] // model["num_attention_heads"]
+  per_slot = 4 * 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * head_dim
+  steps = max((count - 1 for count in generated), default=0)
+  total = 4.0 * non_embedding_params(model) * max(steps, 0)
+  for prompt_len, count in zip(prompt_lens, generated):
+    rows_steps = max(count - 1, 0)
+    total += per_slot * (rows_steps * prompt_len + rows_steps * (rows_steps + 1) // 2)
   return total
 
 
@@ -271,7 +290,7 @@ def run_ringlm(name, checkpoint, requests, out, workdir, serve_args, cpu_devices
   return run
 
 
-def decode_case(args, workdir, model, peak) -> dict:
+def decode_case(args, workdir, model, peak, bandwidth) -> dict:
   """32 x 128 -> 128 (or --quick's sizes): transformers, ringlm cold, ringlm warm."""
   requests = os.path.join(workdir, "requests.jsonl")
   prompts = write_requests(requests, args.prompts, args.prompt_len, args.new_tokens,
@@ -318,8 +337,16 @@ def decode_case(args, workdir, model, peak) -> dict:
           f"{run['decode_flops_per_s'] / 1e9:6.1f} GFLOP/s "
           f"({run['decode_percent_of_peak']:4.1f}% of peak)", flush=True)
   tokens = {name: compare_tokens(hf_rows, ringlm_rows[name]) for name in ringlm_rows}
+  # The roofline: decode cannot run faster than its bytes stream from memory.
+  generated = [len(row["tokens"]) for row in hf_rows]
+  flops, nbytes = decode_flops(model, prompt_lens, generated), decode_bytes(
+      model, prompt_lens, generated)
+  attainable = min(peak, flops / (nbytes / bandwidth))
+  roofline = {"memory_bandwidth_bytes_per_s": bandwidth, "decode_bytes": nbytes,
+              "decode_flops": flops, "flops_per_byte": flops / nbytes,
+              "attainable_percent_of_peak": 100 * attainable / peak}
   return {"runs": runs, "tokens": tokens, "prompt_len": args.prompt_len,
-          "prompts": args.prompts, "new_tokens": args.new_tokens}
+          "prompts": args.prompts, "new_tokens": args.new_tokens, "roofline": roofline}
 
 
 def long_case(args, workdir, model, peak) -> dict:
@@ -413,6 +440,12 @@ def format_table(result, peak) -> str:
             f"ringlm decode: {summary['ringlm_decode_percent_of_peak_warm']:.1f}% of peak warm, "
             f"{summary['ringlm_decode_percent_of_peak_cold']:.1f}% cold "
             f"(target >= {DECODE_TARGET_PERCENT:.0f}%)"]
+  roofline = decode.get("roofline")
+  if roofline:
+    lines.append(f"decode roofline: {roofline['decode_bytes'] / 1e9:.1f} GB read at the least "
+                 f"({roofline['flops_per_byte']:.1f} FLOP/byte) at the measured "
+                 f"{roofline['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s allows at most "
+                 f"{roofline['attainable_percent_of_peak']:.0f}% of peak")
   for name, tokens in decode["tokens"].items():
     first = tokens["first_mismatch"]
     where = (f", first at row {first['id']} position {first['first_mismatch']}"
@@ -489,13 +522,15 @@ def main(argv=None):
 
     import jax
     jax.config.update("jax_num_cpu_devices", 1)
-    from bench.common import machine, matmul_peak, write_json
+    from bench.common import machine, matmul_peak, memory_bandwidth, write_json
     from parallel.mesh import make_mesh
     peaks = matmul_peak(make_mesh({"data": 1}, devices=jax.devices()[:1]), size=args.peak_size)
     peak = peaks["peak_flops"]
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    bandwidth = memory_bandwidth()
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s",
+          flush=True)
 
-    result = {"decode": decode_case(args, workdir, model, peak)}
+    result = {"decode": decode_case(args, workdir, model, peak, bandwidth)}
     result["summary"] = summarize(result["decode"])
     if args.long_len:
       result["long"] = long_case(args, workdir, model, peak)
