@@ -24,20 +24,25 @@ from ml_collections import config_flags
 
 from configs.cli import fail, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ringlm config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, assets.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("RINGLM_COORDINATOR"),
-                                   "host:port of process 0 (multi-host without a cluster "
-                                   "manager); env RINGLM_COORDINATOR.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("RINGLM_NUM_PROCESSES",
-                                                                          1)),
-                                      "Processes in the job; env RINGLM_NUM_PROCESSES.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("RINGLM_PROCESS_ID", 0)),
-                                   "This process' index; env RINGLM_PROCESS_ID.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() with the cluster's own "
-                                 "discovery (automatic on TPU VMs and under SLURM).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line's flags, defined only when run as a program: the tools' flags share
+  names (--config, --checkpoint, --cpu_devices), so importing two of them must not define any."""
+  config_flags.DEFINE_config_file("config", None, "ringlm config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, assets.")
+  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+  flags.DEFINE_string("coordinator_address", os.environ.get("RINGLM_COORDINATOR"),
+                      "host:port of process 0 (multi-host without a cluster manager); env "
+                      "RINGLM_COORDINATOR.")
+  flags.DEFINE_integer("num_processes", int(os.environ.get("RINGLM_NUM_PROCESSES", 1)),
+                       "Processes in the job; env RINGLM_NUM_PROCESSES.")
+  flags.DEFINE_integer("process_id", int(os.environ.get("RINGLM_PROCESS_ID", 0)),
+                       "This process' index; env RINGLM_PROCESS_ID.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the "
+                    "cluster's own discovery (automatic on TPU VMs and under SLURM).")
+
 
 # Peak dense bf16 FLOP/s per device, for MFU; CPUs are measured at start-up instead.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -52,12 +57,12 @@ def start_jax():
   import jax
   cluster = any(name in os.environ for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
                                                  "TPU_WORKER_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if _NUM_PROCESSES.value > 1:
+  if FLAGS.num_processes > 1:
     from parallel.mesh import initialize_distributed
-    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _DISTRIBUTED.value or (cluster and int(os.environ.get("SLURM_NTASKS", 2)) > 1):
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.distributed or (cluster and int(os.environ.get("SLURM_NTASKS", 2)) > 1):
     jax.distributed.initialize()
-  jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   return jax
 
 
@@ -388,7 +393,7 @@ def train(config, workdir: str, named: set[str]) -> bool:
 
 
 def main(argv):
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = FLAGS.config, FLAGS.workdir
   try:
     config.keys()
   except (OSError, AttributeError, ValueError) as error:
@@ -451,5 +456,6 @@ def newest_step(workdir: str) -> int:
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=parse_flags)

@@ -29,3 +29,11 @@ def test_real_size_configs_build_and_validate(name):
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   assert count == model_config.param_count()
   assert abs(count / 1e9 - REAL[name]) < 0.01
+
+
+def test_every_program_imports_next_to_the_others():
+  """train.py, serve.py and the tools define their flags only when run as programs, so
+  one process can import them all (their flags share names)."""
+  for name in ("train", "serve", "tools.eval_ppl", "tools.eval_passkey", "tools.copy_probe",
+               "tools.convert_hf"):
+    importlib.import_module(name)

@@ -25,8 +25,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """The command line's flags, defined only when the tool runs as a program (tests
-  import its functions next to train.py, which defines flags of the same names)."""
+  """The command line's flags, defined only when run as a program: the tools' flags share
+  names (--config, --checkpoint, --cpu_devices), so importing two of them must not define any."""
   flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
   flags.DEFINE_integer("length", 100, "Tokens in the sequence that repeats.")
   flags.DEFINE_integer("rows", 8, "Rows (independent random sequences).")

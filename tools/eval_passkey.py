@@ -26,19 +26,25 @@ from ml_collections import config_flags
 from configs import base
 from configs.cli import fail
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
-_LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024"], "Prompt lengths in tokens.")
-_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"],
-                            "Depths of the key in the filler (0 = start, 1 = end).")
-_TRIALS = flags.DEFINE_integer("trials", 10, "Keys per (length, depth) cell.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the keys.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.2, "Accuracy that counts for k_max.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts per forward pass.")
-_OUT = flags.DEFINE_string("out", "", "JSON path (default: <run>/eval/passkey.json; the PNG "
-                           "heatmap goes next to it).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
-_CONFIG = config_flags.DEFINE_config_dict("config", base.get_config(),
-                                          "Overrides of the checkpoint's config.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line's flags, defined only when run as a program: the tools' flags share
+  names (--config, --checkpoint, --cpu_devices), so importing two of them must not define any."""
+  flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
+  flags.DEFINE_list("lengths", ["256", "512", "1024"], "Prompt lengths in tokens.")
+  flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"],
+                    "Depths of the key in the filler (0 = start, 1 = end).")
+  flags.DEFINE_integer("trials", 10, "Keys per (length, depth) cell.")
+  flags.DEFINE_integer("seed", 0, "Seed of the keys.")
+  flags.DEFINE_float("threshold", 0.2, "Accuracy that counts for k_max.")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per forward pass.")
+  flags.DEFINE_string("out", "", "JSON path (default: <run>/eval/passkey.json; the PNG "
+                      "heatmap goes next to it).")
+  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+  config_flags.DEFINE_config_dict("config", base.get_config(),
+                                  "Overrides of the checkpoint's config.")
 
 
 def heatmap(cells, lengths, depths, path, title):
@@ -65,7 +71,7 @@ def heatmap(cells, lengths, depths, path, title):
 def main(argv):
   del argv
   import jax
-  jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   import logging
   logging.getLogger("absl").setLevel(logging.WARNING)
   import numpy as np
@@ -81,15 +87,15 @@ def main(argv):
 
   named = inherit.named_fields(sys.argv)
   try:
-    lengths = sorted({int(x) for x in _LENGTHS.value})
-    depths = sorted({float(x) for x in _DEPTHS.value})
+    lengths = sorted({int(x) for x in FLAGS.lengths})
+    depths = sorted({float(x) for x in FLAGS.depths})
   except ValueError:
     fail("--lengths takes integers and --depths numbers in [0, 1]")
   if not all(0 <= d <= 1 for d in depths):
-    fail(f"--depths={','.join(_DEPTHS.value)}: depths lie in [0, 1]")
+    fail(f"--depths={','.join(FLAGS.depths)}: depths lie in [0, 1]")
   try:
-    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(_CONFIG.value, named))
-    model, tokenizer, _, _ = evaluation.load(_CHECKPOINT.value, _CONFIG.value, named, mesh,
+    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(FLAGS.config, named))
+    model, tokenizer, _, _ = evaluation.load(FLAGS.checkpoint, FLAGS.config, named, mesh,
                                              max(lengths))
     for length in lengths:
       mesh_lib.validate(model.config, mesh, seq_len=length)
@@ -97,9 +103,9 @@ def main(argv):
     fail(f"--checkpoint: {error}" if "checkpoint" in str(error) else str(error))
   except (ConfigError, ValueError) as error:
     fail(str(error))
-  engine = serve.Engine(model, mesh, tokenizer=tokenizer, batch_size=_BATCH.value)
-  rng = random.Random(_SEED.value)
-  keys = [passkey.random_key(rng) for _ in range(_TRIALS.value)]
+  engine = serve.Engine(model, mesh, tokenizer=tokenizer, batch_size=FLAGS.batch_size)
+  rng = random.Random(FLAGS.seed)
+  keys = [passkey.random_key(rng) for _ in range(FLAGS.trials)]
   cells = {}
   for length in tqdm(lengths, desc="eval_passkey", disable=None):
     prompts = []
@@ -119,18 +125,18 @@ def main(argv):
     for depth in depths:
       cells[(length, depth)] = correct[depth] / len(keys)
   by_length = {length: float(np.mean([cells[(length, d)] for d in depths])) for length in lengths}
-  summary = {"k_max": passkey.k_max(lengths, by_length, _THRESHOLD.value), "threshold": _THRESHOLD.value,
+  summary = {"k_max": passkey.k_max(lengths, by_length, FLAGS.threshold), "threshold": FLAGS.threshold,
              "accuracy_by_length": {str(k): v for k, v in by_length.items()},
              "cells": [{"length": length, "depth": depth, "accuracy": cells[(length, depth)]}
                        for length in lengths for depth in depths],
-             "trials": len(keys), "checkpoint": _CHECKPOINT.value}
+             "trials": len(keys), "checkpoint": FLAGS.checkpoint}
   print(f"{'depth':>6} " + " ".join(f"{length:>7}" for length in lengths))
   for depth in depths:
     print(f"{depth:>6g} " + " ".join(f"{cells[(length, depth)]:>7.0%}" for length in lengths))
   print(f"{'all':>6} " + " ".join(f"{by_length[length]:>7.0%}" for length in lengths))
-  print(f"k_max = {summary['k_max']} (accuracy >= {_THRESHOLD.value:.0%} at every length up to it)")
-  step_dir = ckpt_lib.find_step_dir(_CHECKPOINT.value)
-  out = _OUT.value or os.path.join(ckpt_lib.run_dir(step_dir), "eval", "passkey.json")
+  print(f"k_max = {summary['k_max']} (accuracy >= {FLAGS.threshold:.0%} at every length up to it)")
+  step_dir = ckpt_lib.find_step_dir(FLAGS.checkpoint)
+  out = FLAGS.out or os.path.join(ckpt_lib.run_dir(step_dir), "eval", "passkey.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(summary, f, indent=2)
@@ -141,5 +147,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["checkpoint"])
   app.run(main)

@@ -25,17 +25,23 @@ from ml_collections import config_flags
 from configs import base
 from configs.cli import fail
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
-_SEQ_LEN = flags.DEFINE_list("seq_len", ["256", "1024"], "Context lengths to evaluate.")
-_STRIDE = flags.DEFINE_integer("stride", 256, "Window stride in tokens.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 100_000, "Tokens to score (whole documents; "
-                                   "the default is ~20 documents of the stdlib corpus).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
-_PLOT = flags.DEFINE_string("plot", "", "PNG path (default: <run>/eval/ppl.png).")
-_LABEL = flags.DEFINE_string("label", "", "Curve label in the plot (default: the checkpoint).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
-_CONFIG = config_flags.DEFINE_config_dict("config", base.get_config(),
-                                          "Overrides of the checkpoint's config.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line's flags, defined only when run as a program: the tools' flags share
+  names (--config, --checkpoint, --cpu_devices), so importing two of them must not define any."""
+  flags.DEFINE_string("checkpoint", None, "Run directory or checkpoint step.")
+  flags.DEFINE_list("seq_len", ["256", "1024"], "Context lengths to evaluate.")
+  flags.DEFINE_integer("stride", 256, "Window stride in tokens.")
+  flags.DEFINE_integer("max_tokens", 100_000, "Tokens to score (whole documents; "
+                       "the default is ~20 documents of the stdlib corpus).")
+  flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+  flags.DEFINE_string("plot", "", "PNG path (default: <run>/eval/ppl.png).")
+  flags.DEFINE_string("label", "", "Curve label in the plot (default: the checkpoint).")
+  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+  config_flags.DEFINE_config_dict("config", base.get_config(),
+                                  "Overrides of the checkpoint's config.")
 
 
 def windows(length_of_doc: int, seq_len: int, stride: int):
@@ -91,7 +97,7 @@ def plot(results, path, label):
 def main(argv):
   del argv
   import jax
-  jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   import logging
   logging.getLogger("absl").setLevel(logging.WARNING)
   from tqdm import tqdm
@@ -104,14 +110,14 @@ def main(argv):
   from tools import evaluation
 
   named = inherit.named_fields(sys.argv)
-  config = _CONFIG.value
+  config = FLAGS.config
   try:
-    lengths = sorted({int(value) for value in _SEQ_LEN.value})
+    lengths = sorted({int(value) for value in FLAGS.seq_len})
   except ValueError:
-    fail(f"--seq_len={','.join(_SEQ_LEN.value)}: give integers, e.g. 256,1024")
+    fail(f"--seq_len={','.join(FLAGS.seq_len)}: give integers, e.g. 256,1024")
   try:
     mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(config, named))
-    model, tokenizer, _, files = evaluation.load(_CHECKPOINT.value, config, named, mesh,
+    model, tokenizer, _, files = evaluation.load(FLAGS.checkpoint, config, named, mesh,
                                                  max(lengths))
     for seq_len in lengths:  # ("data.seq_len" in the messages: --seq_len here)
       mesh_lib.validate(model.config, mesh, seq_len=seq_len)
@@ -126,7 +132,7 @@ def main(argv):
   chosen, tokens = [], 0
   for text in validation:  # whole documents long enough for the longest length
     ids = tokenizer.encode(text) + ([eos] if eos >= 0 else [])
-    if len(ids) > max(lengths) + 1 and tokens < _MAX_TOKENS.value:
+    if len(ids) > max(lengths) + 1 and tokens < FLAGS.max_tokens:
       chosen.append(ids)
       tokens += len(ids) - 1
   if not chosen:
@@ -135,18 +141,19 @@ def main(argv):
   scorer = evaluation.Scorer(model, mesh)
   results = []
   for seq_len in tqdm(lengths, desc="eval_ppl", disable=None):
-    ppl, count = perplexity(scorer, chosen, seq_len, min(_STRIDE.value, seq_len), _BATCH.value)
+    ppl, count = perplexity(scorer, chosen, seq_len, min(FLAGS.stride, seq_len), FLAGS.batch_size)
     results.append({"seq_len": seq_len, "ppl": ppl, "tokens": count})
   print(f"{'seq_len':>8} {'ppl':>10} {'tokens':>8}   ({len(chosen)} documents)")
   for r in results:
     print(f"{r['seq_len']:>8} {r['ppl']:>10.3f} {r['tokens']:>8}")
-  step_dir = ckpt_lib.find_step_dir(_CHECKPOINT.value)
-  path = _PLOT.value or os.path.join(ckpt_lib.run_dir(step_dir), "eval", "ppl.png")
-  plot(results, path, _LABEL.value or _CHECKPOINT.value)
+  step_dir = ckpt_lib.find_step_dir(FLAGS.checkpoint)
+  path = FLAGS.plot or os.path.join(ckpt_lib.run_dir(step_dir), "eval", "ppl.png")
+  plot(results, path, FLAGS.label or FLAGS.checkpoint)
   print(f"plot: {path}")
   print(json.dumps({"results": results}))
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["checkpoint"])
   app.run(main)

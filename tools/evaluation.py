@@ -34,9 +34,9 @@ def load_tokenizer(step_dir: str, saved: dict, required: bool = True):
   """The tokenizer stored with a checkpoint's run (its assets), or None when it has none
   and `required` is False. Its end-of-sequence id comes from a converted model's config."""
   assets = os.path.join(ckpt_lib.run_dir(step_dir), "assets")
+  eos_ids = end_of_sequence_ids(saved)
   try:
-    return tokenizer_lib.load(assets, end_of_sequence_ids(saved)[0] if
-                              end_of_sequence_ids(saved) else None)
+    return tokenizer_lib.load(assets, eos_ids[0] if eos_ids else None)
   except FileNotFoundError:
     if required:
       raise
