@@ -147,28 +147,30 @@ def check_param_shapes(step_dir: str, params_target) -> None:
   target's (a checkpoint of another model shape, or of an older parameter layout)."""
   name = lambda path: "/".join(str(getattr(key, "key", key)) for key in path)
   stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "params")
-  stored = {name(path): array.shape for path, array in
+  stored = {name(path): tuple(array.shape) for path, array in
             jax.tree_util.tree_flatten_with_path(getattr(stored, "tree", stored))[0]}
   for path, target in jax.tree_util.tree_flatten_with_path(params_target)[0]:
     param, shape = name(path), tuple(target.shape)
     if param not in stored:
       raise ValueError(f"checkpoint {step_dir} has no parameter {param}")
-    if tuple(stored[param]) != shape:
+    if stored[param] != shape:
       hint = (" (checkpoints written before 2026-11-26 stored lm_head as [dim, vocab]; it "
               "is now [vocab, dim]: retrain, or convert the model again)"
-              if param == "lm_head" and tuple(stored[param]) == shape[::-1] else "")
-      raise ValueError(f"checkpoint {step_dir} stores {param} with shape "
-                       f"{tuple(stored[param])}, but this model needs {shape}{hint}")
+              if param == "lm_head" and stored[param] == shape[::-1] else "")
+      raise ValueError(f"checkpoint {step_dir} stores {param} with shape {stored[param]}, "
+                       f"but this model needs {shape}{hint}")
 
 
-def load_params(path: str, params_target):
+def load_params(path: str, params_target, check_shapes: bool = True):
   """Parameters only, from a workdir / checkpoints dir / step dir, onto the target shardings.
 
   Works whatever mesh wrote them: the target's shardings decide the layout. Returns
-  (params, meta). Raises ValueError when a stored shape differs from the target's.
+  (params, meta). Raises ValueError when a stored shape differs from the target's
+  (`check_shapes=False`: the caller has checked them).
   """
   step_dir = find_step_dir(path)
-  check_param_shapes(step_dir, params_target)
+  if check_shapes:
+    check_param_shapes(step_dir, params_target)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(params_target), meta=ocp.args.JsonRestore()))

@@ -266,5 +266,6 @@ def load_parameters(shapes: Transformer, step_dir: str) -> tuple[Transformer, di
   into the shapes and shardings of `shapes` (a model from `abstract`)."""
   from model import checkpoint
   graphdef, targets = nnx.split(shapes)
-  params, meta = checkpoint.load_params(step_dir, nnx.to_pure_dict(targets))
+  params, meta = checkpoint.load_params(step_dir, nnx.to_pure_dict(targets),
+                                        check_shapes=False)  # `abstract` checked them
   return nnx.merge(graphdef, params), meta
