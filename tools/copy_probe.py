@@ -39,11 +39,16 @@ def define_flags():
 FIRST_ID = 3  # sentencepiece's <unk>, <s>, </s> come first: the probe uses ids after them
 
 
+def row_length(length: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that holds two copies of `length` tokens."""
+  return -(-(2 * length) // multiple) * multiple
+
+
 def probe_rows(vocab_size: int, length: int, rows: int, multiple: int, seed: int):
   """Token rows [rows, L + 1] (inputs = [:, :-1], targets = [:, 1:]): random tokens,
-  the same `length` tokens again from index `length`, random padding after; L is the
-  smallest multiple of `multiple` that holds both copies."""
-  total = -(-(2 * length) // multiple) * multiple
+  the same `length` tokens again from index `length`, random padding after;
+  L = row_length(length, multiple)."""
+  total = row_length(length, multiple)
   rng = np.random.default_rng(seed)
   tokens = rng.integers(FIRST_ID, vocab_size, (rows, total + 1), dtype=np.int32)
   tokens[:, length:2 * length] = tokens[:, :length]
@@ -67,23 +72,15 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
 
   from configs import inherit
-  from model.config import ConfigError
-  from parallel import mesh as mesh_lib
   from tools import evaluation
 
   if FLAGS.length < 2 or FLAGS.rows < 1:
     fail("--length must be at least 2 and --rows at least 1")
   named = inherit.named_fields(sys.argv)
-  try:
-    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(FLAGS.config, named))
-    multiple = 2 * mesh.shape["sequence"]
-    seq_len = -(-(2 * FLAGS.length) // multiple) * multiple
-    model, _, _ = evaluation.load_model(FLAGS.checkpoint, FLAGS.config, named, mesh, seq_len)
-    mesh_lib.validate(model.config, mesh, seq_len=seq_len)
-  except FileNotFoundError as error:
-    fail(f"--checkpoint: {error}")
-  except (ConfigError, ValueError) as error:
-    fail(str(error))
+  multiple = 2 * jax.device_count()  # splits evenly on any ring
+  mesh, model, _, _ = evaluation.open_checkpoint(
+      FLAGS.checkpoint, FLAGS.config, named, [row_length(FLAGS.length, multiple)],
+      tokenizer=False)
   rows = probe_rows(model.config.vocab_size, FLAGS.length, FLAGS.rows, multiple, FLAGS.seed)
   log_probs, _ = evaluation.Scorer(model, mesh)(rows[:, :-1], rows[:, 1:])
   first, second = copy_losses(np.asarray(log_probs, np.float64), FLAGS.length)

@@ -80,8 +80,6 @@ def main(argv):
   from configs import inherit
   from data import passkey
   from model import checkpoint as ckpt_lib
-  from model.config import ConfigError
-  from parallel import mesh as mesh_lib
   import serve
   from tools import evaluation
 
@@ -93,16 +91,8 @@ def main(argv):
     fail("--lengths takes integers and --depths numbers in [0, 1]")
   if not all(0 <= d <= 1 for d in depths):
     fail(f"--depths={','.join(FLAGS.depths)}: depths lie in [0, 1]")
-  try:
-    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(FLAGS.config, named))
-    model, tokenizer, _, _ = evaluation.load(FLAGS.checkpoint, FLAGS.config, named, mesh,
-                                             max(lengths))
-    for length in lengths:
-      mesh_lib.validate(model.config, mesh, seq_len=length)
-  except FileNotFoundError as error:
-    fail(f"--checkpoint: {error}" if "checkpoint" in str(error) else str(error))
-  except (ConfigError, ValueError) as error:
-    fail(str(error))
+  mesh, model, tokenizer, _ = evaluation.open_checkpoint(FLAGS.checkpoint, FLAGS.config,
+                                                         named, lengths)
   engine = serve.Engine(model, mesh, tokenizer=tokenizer, batch_size=FLAGS.batch_size)
   rng = random.Random(FLAGS.seed)
   keys = [passkey.random_key(rng) for _ in range(FLAGS.trials)]

@@ -105,8 +105,6 @@ def main(argv):
   from configs import inherit
   from data import pipeline
   from model import checkpoint as ckpt_lib
-  from model.config import ConfigError
-  from parallel import mesh as mesh_lib
   from tools import evaluation
 
   named = inherit.named_fields(sys.argv)
@@ -115,17 +113,12 @@ def main(argv):
     lengths = sorted({int(value) for value in FLAGS.seq_len})
   except ValueError:
     fail(f"--seq_len={','.join(FLAGS.seq_len)}: give integers, e.g. 256,1024")
+  mesh, model, tokenizer, files = evaluation.open_checkpoint(FLAGS.checkpoint, config, named,
+                                                             lengths)
   try:
-    mesh = mesh_lib.make_mesh(evaluation.mesh_sizes(config, named))
-    model, tokenizer, _, files = evaluation.load(FLAGS.checkpoint, config, named, mesh,
-                                                 max(lengths))
-    for seq_len in lengths:  # ("data.seq_len" in the messages: --seq_len here)
-      mesh_lib.validate(model.config, mesh, seq_len=seq_len)
     documents = pipeline.load_documents(pipeline.corpus_files(
         [p for p in files.split(",") if p.strip()]))
-  except FileNotFoundError as error:
-    fail(f"--checkpoint: {error}" if "checkpoint" in str(error) else str(error))
-  except (ConfigError, ValueError) as error:
+  except (FileNotFoundError, ValueError) as error:
     fail(str(error))
   _, validation = pipeline.split(documents)
   eos = tokenizer.eos_id()

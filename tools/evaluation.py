@@ -1,9 +1,10 @@
 """What the evaluation tools share: a checkpoint with overrides, and token scoring.
 
-`load(checkpoint, config, named, mesh)` rebuilds the model of any checkpoint (a
-training run, an extended run or a converted Hugging Face model) on `mesh`, with the
-RoPE / dtype overrides the command line named (configs/inherit.py), plus its
-tokenizer and its data files. `Scorer` gives log p(target) and the argmax of every
+`open_checkpoint(checkpoint, config, named, lengths)` rebuilds the model of any
+checkpoint (a training run, an extended run or a converted Hugging Face model) on the
+evaluation mesh, with the RoPE / dtype overrides the command line named
+(configs/inherit.py), plus its tokenizer and its data files, and checks it can run at
+every length; a problem the user can fix ends the program with one message. `Scorer` gives log p(target) and the argmax of every
 token of [B, L] rows through the model's sharded forward (zigzag order on a ring).
 """
 
@@ -15,10 +16,11 @@ import numpy as np
 from flax import nnx
 
 from configs import inherit
+from configs.cli import fail
 from data import tokenizer as tokenizer_lib
 from model import checkpoint as ckpt_lib, transformer
-from model.config import AttentionConfig, RopeConfig, RopeScaling
-from parallel import layout, sharding
+from model.config import AttentionConfig, ConfigError, RopeConfig, RopeScaling
+from parallel import layout, mesh as mesh_lib, sharding
 
 EVAL_MESH = {"data": 1, "fsdp": 1, "sequence": -1, "tensor": 1}  # all devices on the ring
 
@@ -49,14 +51,24 @@ def end_of_sequence_ids(saved: dict) -> list[int]:
   return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
 
 
-def load(checkpoint: str, config, named: set[str], mesh, seq_len: int):
-  """(model, tokenizer, saved run config, data.files) of `checkpoint` with overrides.
-
-  Raises FileNotFoundError when there is no checkpoint or tokenizer, ConfigError for a
-  bad override.
-  """
-  model, saved, files = load_model(checkpoint, config, named, mesh, seq_len)
-  return model, load_tokenizer(ckpt_lib.find_step_dir(checkpoint), saved), saved, files
+def open_checkpoint(checkpoint: str, config, named: set[str], lengths: list[int],
+                    tokenizer: bool = True):
+  """(mesh, model, tokenizer, data.files) of `checkpoint` with the named overrides, on
+  the evaluation mesh, extended to max(lengths) and validated at each length (tokenizer
+  None unless asked). A missing checkpoint or tokenizer, a bad override or a length the
+  mesh cannot split ends the program with one message (configs.cli.fail)."""
+  try:
+    mesh = mesh_lib.make_mesh(mesh_sizes(config, named))
+    model, saved, files = load_model(checkpoint, config, named, mesh, max(lengths))
+    for length in lengths:  # ("data.seq_len" in the messages: the tool's lengths here)
+      mesh_lib.validate(model.config, mesh, seq_len=length)
+    if tokenizer:
+      tokenizer = load_tokenizer(ckpt_lib.find_step_dir(checkpoint), saved)
+  except FileNotFoundError as error:
+    fail(f"--checkpoint: {error}" if "checkpoint" in str(error) else str(error))
+  except (ConfigError, ValueError) as error:
+    fail(str(error))
+  return mesh, model, tokenizer or None, files
 
 
 def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int,
