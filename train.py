@@ -66,15 +66,16 @@ def start_jax():
   return jax
 
 
-def peak_flops_per_device(jax):
+def peak_flops_per_device(jax, dtype: str):
+  """Dense bf16 peak from PEAK_FLOPS on TPU/GPU; on CPU, measured in the compute `dtype`."""
   device = jax.devices()[0]
   for kind, flops in PEAK_FLOPS.items():
     if device.platform != "cpu" and kind.lower() in device.device_kind.lower():
       return flops
   from bench.common import matmul_peak  # measured on this machine, shared by its devices
   from parallel.mesh import make_mesh
-  return matmul_peak(make_mesh({"data": -1}), size=2048, repeats=3)["peak_flops"] / \
-      jax.device_count()
+  return matmul_peak(make_mesh({"data": -1}), size=2048, repeats=3,
+                     dtype=dtype)["peak_flops"] / jax.device_count()
 
 
 def check_workdir(workdir: str, model_dict: dict):
@@ -308,7 +309,7 @@ def train(config, workdir: str, named: set[str]) -> bool:
 
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  peak = peak_flops_per_device(jax)
+  peak = peak_flops_per_device(jax, model_config.dtype)
   flops_per_token = model_config.flops_per_token(config.data.seq_len)
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
   tensorboard = None
