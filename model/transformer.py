@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import rope
+from model.matmul import project
 from model.config import AttentionConfig, ModelConfig
 from model.kv_cache import KVCache
 from parallel import ring, sharding
@@ -74,9 +75,9 @@ class Attention(nnx.Module):
     dtype = self.config.dtype
     tokens_axis = "sequence" if cache is None else None
     # [B, L, dim] x [dim, H, Dh] -> [B, L, H, Dh]
-    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dtype))
-    k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(dtype))
-    v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(dtype))
+    q = project("bld,dhk->blhk", x, self.wq[...])
+    k = project("bld,dhk->blhk", x, self.wk[...])
+    v = project("bld,dhk->blhk", x, self.wv[...])
     if self.config.qkv_bias:
       q, k, v = (y + b[...].astype(dtype) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     q = sharding.constrain(rope.apply_rotary(q, cos, sin), self.mesh,
@@ -96,7 +97,7 @@ class Attention(nnx.Module):
       v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
       out = ring.decode_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
     # [B, L, H, Dh] x [H, Dh, dim] -> [B, L, dim]
-    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype)), (k, v)
+    return project("blhk,hkd->bld", out.astype(dtype), self.wo[...]), (k, v)
 
 
 class MLP(nnx.Module):
@@ -109,11 +110,10 @@ class MLP(nnx.Module):
     self.w_down = _param(rngs, (config.mlp_dim, config.dim), ("mlp", "embed"), config)
 
   def __call__(self, x, tokens_axis="sequence"):
-    dtype = self.config.dtype
-    gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(dtype))
-    up = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(dtype))
+    gate = project("bld,df->blf", x, self.w_gate[...])
+    up = project("bld,df->blf", x, self.w_up[...])
     hidden = sharding.constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", tokens_axis, "mlp"))
-    return jnp.einsum("blf,fd->bld", hidden, self.w_down[...].astype(dtype))
+    return project("blf,fd->bld", hidden, self.w_down[...])
 
 
 class Block(nnx.Module):
@@ -211,8 +211,7 @@ class Transformer(nnx.Module):
     """hidden [B, L, dim] (after the final norm) -> logits [B, L, vocab] float32."""
     config = self.config
     head = self.embed[...] if config.tie_embeddings else self.lm_head[...]  # [V, dim]
-    logits = jnp.einsum("bld,vd->blv", hidden, head.astype(config.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = project("bld,vd->blv", hidden.astype(config.dtype), head, jnp.float32)
     tokens_axis = "sequence" if hidden.shape[1] > 1 else None
     return sharding.constrain(logits, self.mesh, ("batch", tokens_axis, "vocab"))
 

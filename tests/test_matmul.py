@@ -1,0 +1,44 @@
+"""model.matmul.project: values and both gradients against float64 NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.matmul import project
+
+# (spec, x shape, weight shape): every projection the transformer makes
+CASES = [("bld,dhk->blhk", (2, 6, 16), (16, 4, 8)),   # q, k, v
+         ("blhk,hkd->bld", (2, 6, 4, 8), (4, 8, 16)),   # attention output
+         ("bld,df->blf", (2, 6, 16), (16, 24)),         # gate, up
+         ("blf,fd->bld", (2, 6, 24), (24, 16)),         # down
+         ("bld,vd->blv", (2, 6, 16), (40, 16))]         # head ([vocab, dim])
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("spec, x_shape, w_shape", CASES)
+def test_project_and_its_gradients_match_float64(spec, x_shape, w_shape, dtype, tolerance):
+  rng = np.random.default_rng(abs(hash(spec)) % 2**32)
+  x, weight = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+  out_shape = np.einsum(spec, x, weight).shape
+  cotangent = rng.standard_normal(out_shape)
+
+  def loss(x, weight):
+    y = project(spec, x.astype(dtype), weight, jnp.float32)
+    return (y * cotangent.astype(np.float32)).sum()
+
+  x32, w32 = jnp.asarray(x, jnp.float32), jnp.asarray(weight, jnp.float32)
+  value = project(spec, x32.astype(dtype), w32)
+  grad_x, grad_w = jax.grad(loss, (0, 1))(x32, w32)
+  assert value.dtype == dtype and grad_w.dtype == jnp.float32
+
+  # float64 references: y = x.w; dL/dx = g.w; dL/dw = x.g (einsum transposes)
+  inputs, out = spec.split("->")
+  x_spec, w_spec = inputs.split(",")
+  expected = {"value": np.einsum(spec, x, weight),
+              "grad_x": np.einsum(f"{out},{w_spec}->{x_spec}", cotangent, weight),
+              "grad_w": np.einsum(f"{x_spec},{out}->{w_spec}", x, cotangent)}
+  for name, got in (("value", value), ("grad_x", grad_x), ("grad_w", grad_w)):
+    want = expected[name]
+    error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+    assert error <= tolerance, (name, error)
