@@ -42,17 +42,18 @@ def matmul_peak(mesh, size: int = 4096, repeats: int = 5, dtype=jnp.float32) -> 
   """FLOP/s of large `dtype` matmuls: one device alone, and every device of `mesh` at once.
 
   The machine's peak is the larger of the two; on CPU the virtual devices share the cores.
-  (CPUs with AMX run bfloat16 matmuls ~3x faster than float32: measure in the dtype the
-  work computes in.)
+  Products accumulate in float32 as the model's do (model/matmul.py); on CPUs with AMX
+  bfloat16 ones then run ~4x faster than float32: measure in the dtype the work computes in.
   """
+  matmul = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
   a = jnp.ones((size, size), dtype)
-  one = jax.jit(lambda a: a @ a).lower(a).compile()
+  one = jax.jit(lambda a: matmul(a, a)).lower(a).compile()
   single = 2 * size**3 / min(time_compiled(one, (a,), repeats))  # a peak: the best run
   count = mesh.devices.size
   axes = tuple(mesh.axis_names)
   stacked = jax.device_put(jnp.ones((count * size // 2, size // 2), dtype),
                            jax.NamedSharding(mesh, jax.P(axes)))
-  every = jax.jit(jax.shard_map(lambda x: x @ x.T, mesh=mesh, in_specs=jax.P(axes),
+  every = jax.jit(jax.shard_map(lambda x: matmul(x, x.T), mesh=mesh, in_specs=jax.P(axes),
                                 out_specs=jax.P(axes))).lower(stacked).compile()
   local = size // 2
   parallel = count * 2 * local**3 / min(time_compiled(every, (stacked,), repeats))
