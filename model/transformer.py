@@ -15,8 +15,9 @@ writing its keys and values into the cache and attending over it
 
 Every parameter names its logical axes (`logical_axes` metadata) and activations are
 constrained by logical names; parallel/sharding.py maps both to the mesh.
-Parameters are stored in `param_dtype` and cast to `dtype` for compute; norms,
-softmax statistics and logits are float32.
+Parameters are stored in `param_dtype` and cast to `dtype` for compute; every
+projection accumulates in float32 (model/matmul.py); norms, softmax statistics and
+logits are float32.
 """
 
 import dataclasses
@@ -97,7 +98,7 @@ class Attention(nnx.Module):
       v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
       out = ring.decode_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
     # [B, L, H, Dh] x [H, Dh, dim] -> [B, L, dim]
-    return project("blhk,hkd->bld", out.astype(dtype), self.wo[...]), (k, v)
+    return project("blhk,hkd->bld", out, self.wo[...]), (k, v)
 
 
 class MLP(nnx.Module):
