@@ -46,9 +46,10 @@ def main(argv=None):
   parser.add_argument("--cpu_devices", type=int, default=2,
                       help="at 256-1024 tokens a ring only adds overhead on CPU: 2 devices "
                            "(data=2) measured fastest")
-  parser.add_argument("--dtype", default="bfloat16",
+  parser.add_argument("--dtype", default="float32",
                       help="training compute dtype (fp32 master weights); evaluations use "
-                           "float32")
+                           "float32. bfloat16 steps are 1.5x faster here, but a bf16 base "
+                           "run retrieved no passkey by step 2000 (fp32: 58%%)")
   args = parser.parse_args(argv)
   work = os.path.abspath(args.workdir)
   os.makedirs(work, exist_ok=True)
