@@ -1,6 +1,6 @@
-"""The Position Interpolation finding at tiny scale, end to end (about 45 min on 2 cores).
+"""The Position Interpolation finding at tiny scale, end to end (about 70 min on 2 cores).
 
-  python -m tools.pi_experiment [--workdir=runs/pi] [--base_steps=1000] [--finetune_steps=200]
+  python -m tools.pi_experiment [--workdir=runs/pi] [--base_steps=2400] [--finetune_steps=200]
 
 1. train `tiny` at 256 tokens on the default corpus, with passkey documents mixed in;
 2. evaluate it at 256 / 512 / 1024 tokens: (a) as is (extrapolation), (b) with linear
@@ -37,7 +37,7 @@ def last_json(output: str) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/pi")
-  parser.add_argument("--base_steps", type=int, default=1000)
+  parser.add_argument("--base_steps", type=int, default=2400)
   parser.add_argument("--finetune_steps", type=int, default=200)
   parser.add_argument("--finetune_lr", type=float, default=3e-4,
                       help="PI used 2e-5 for 7B+ models; a 7M model needs more")
