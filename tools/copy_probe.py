@@ -80,7 +80,7 @@ def main(argv):
   multiple = 2 * jax.device_count()  # splits evenly on any ring
   mesh, model, _, _ = evaluation.open_checkpoint(
       FLAGS.checkpoint, FLAGS.config, named, [row_length(FLAGS.length, multiple)],
-      tokenizer=False)
+      with_tokenizer=False)
   rows = probe_rows(model.config.vocab_size, FLAGS.length, FLAGS.rows, multiple, FLAGS.seed)
   log_probs, _ = evaluation.Scorer(model, mesh)(rows[:, :-1], rows[:, 1:])
   first, second = copy_losses(np.asarray(log_probs, np.float64), FLAGS.length)

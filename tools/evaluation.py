@@ -4,8 +4,9 @@
 checkpoint (a training run, an extended run or a converted Hugging Face model) on the
 evaluation mesh, with the RoPE / dtype overrides the command line named
 (configs/inherit.py), plus its tokenizer and its data files, and checks it can run at
-every length; a problem the user can fix ends the program with one message. `Scorer` gives log p(target) and the argmax of every
-token of [B, L] rows through the model's sharded forward (zigzag order on a ring).
+every length; a problem the user can fix ends the program with one message. `Scorer`
+gives log p(target) and the argmax of every token of [B, L] rows through the model's
+sharded forward (zigzag order on a ring).
 """
 
 import os
@@ -52,23 +53,23 @@ def end_of_sequence_ids(saved: dict) -> list[int]:
 
 
 def open_checkpoint(checkpoint: str, config, named: set[str], lengths: list[int],
-                    tokenizer: bool = True):
+                    with_tokenizer: bool = True):
   """(mesh, model, tokenizer, data.files) of `checkpoint` with the named overrides, on
   the evaluation mesh, extended to max(lengths) and validated at each length (tokenizer
-  None unless asked). A missing checkpoint or tokenizer, a bad override or a length the
-  mesh cannot split ends the program with one message (configs.cli.fail)."""
+  None unless `with_tokenizer`). A missing checkpoint or tokenizer, a bad override or a
+  length the mesh cannot split ends the program with one message (configs.cli.fail)."""
   try:
     mesh = mesh_lib.make_mesh(mesh_sizes(config, named))
     model, saved, files = load_model(checkpoint, config, named, mesh, max(lengths))
     for length in lengths:  # ("data.seq_len" in the messages: the tool's lengths here)
       mesh_lib.validate(model.config, mesh, seq_len=length)
-    if tokenizer:
-      tokenizer = load_tokenizer(ckpt_lib.find_step_dir(checkpoint), saved)
+    tokenizer = (load_tokenizer(ckpt_lib.find_step_dir(checkpoint), saved)
+                 if with_tokenizer else None)
   except FileNotFoundError as error:
     fail(f"--checkpoint: {error}" if "checkpoint" in str(error) else str(error))
   except (ConfigError, ValueError) as error:
     fail(str(error))
-  return mesh, model, tokenizer or None, files
+  return mesh, model, tokenizer, files
 
 
 def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int,
