@@ -23,7 +23,7 @@ ring-check: $(STAMP)
 
 # Every benchmark against its peers in one run (~25 min): attention (ringattention,
 # one-device XLA), training throughput, decoding (transformers generate), memory vs
-# context; one JSON + table in bench/results and README.md's Performance section.
+# context; JSON in bench/results, every table in docs/benchmarks.md, a summary in README.md.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.all

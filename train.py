@@ -7,22 +7,23 @@ resumed run's losses equal an uninterrupted run's. Multi-host: run the same comm
 on every host (TPU pods and SLURM are detected; elsewhere pass --coordinator_address,
 --num_processes and --process_id). On CPU, --cpu_devices sets the virtual device count.
 
-The loop: data (data/) -> zigzag layout (parallel/layout.py) -> jit-compiled step on the
-mesh (loss, gradients, AdamW) -> metrics (<workdir>/metrics.jsonl) and checkpoints
-(<workdir>/checkpoints, model/checkpoint.py).
+The loop: data (data/) -> onto the mesh in zigzag order (parallel/sharding.put_batch,
+prepared while the step before runs: training/prefetch.py) -> the jit-compiled step
+(training/: loss, gradients, AdamW, device-side counters) -> metrics
+(<workdir>/metrics.jsonl, read from the device only on logging steps) and checkpoints
+(<workdir>/checkpoints, model/checkpoint.py). The last stdout lines say where the
+checkpoint is and what to run next.
 """
 
 import json
-import logging
 import os
 import signal
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs.cli import fail, parse_flags
+import cli
 
 FLAGS = flags.FLAGS
 
@@ -32,50 +33,7 @@ def define_flags():
   names (--config, --checkpoint, --cpu_devices), so importing two of them must not define any."""
   config_flags.DEFINE_config_file("config", None, "ringlm config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, assets.")
-  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
-  flags.DEFINE_string("coordinator_address", os.environ.get("RINGLM_COORDINATOR"),
-                      "host:port of process 0 (multi-host without a cluster manager); env "
-                      "RINGLM_COORDINATOR.")
-  flags.DEFINE_integer("num_processes", int(os.environ.get("RINGLM_NUM_PROCESSES", 1)),
-                       "Processes in the job; env RINGLM_NUM_PROCESSES.")
-  flags.DEFINE_integer("process_id", int(os.environ.get("RINGLM_PROCESS_ID", 0)),
-                       "This process' index; env RINGLM_PROCESS_ID.")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the "
-                    "cluster's own discovery (automatic on TPU VMs and under SLURM).")
-
-
-# Peak dense bf16 FLOP/s per device, for MFU; CPUs are measured at start-up instead.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-              "A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-
-# --------------------------------------------------------------------------- set-up
-
-def start_jax():
-  """Distributed start-up (before any other JAX call) and the CPU device count."""
-  import jax
-  cluster = any(name in os.environ for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                                 "TPU_WORKER_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if FLAGS.num_processes > 1:
-    from parallel.mesh import initialize_distributed
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif FLAGS.distributed or (cluster and int(os.environ.get("SLURM_NTASKS", 2)) > 1):
-    jax.distributed.initialize()
-  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  return jax
-
-
-def peak_flops_per_device(jax, dtype: str):
-  """Dense bf16 peak from PEAK_FLOPS on TPU/GPU; on CPU, measured in the compute `dtype`."""
-  device = jax.devices()[0]
-  for kind, flops in PEAK_FLOPS.items():
-    if device.platform != "cpu" and kind.lower() in device.device_kind.lower():
-      return flops
-  from bench.common import matmul_peak  # measured on this machine, shared by its devices
-  from parallel.mesh import make_mesh
-  return matmul_peak(make_mesh({"data": -1}), size=2048, repeats=3,
-                     dtype=dtype)["peak_flops"] / jax.device_count()
+  cli.define_flags(multihost=True)
 
 
 def check_workdir(workdir: str, model_dict: dict):
@@ -91,95 +49,26 @@ def check_workdir(workdir: str, model_dict: dict):
     if changed:
       differences = "; ".join(f"model.{k}: {saved.get(k)} there, {model_dict.get(k)} here"
                               for k in changed)
-      fail(f"{workdir} holds a run of another model ({differences}); use a new --workdir")
-
-
-def make_optimizer(config, params):
-  import jax
-  import optax
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.lr, warmup_steps=max(config.warmup_steps, 1),
-      decay_steps=max(config.steps, config.warmup_steps + 1), end_value=config.lr * config.min_lr_ratio)
-  decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms and biases
-  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
-                   optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                               weight_decay=config.weight_decay, mask=decay_mask))
-  return tx, schedule
-
-
-# --------------------------------------------------------------------------- the step
-
-def make_steps(model_graphdef, tx, grad_accum, state_shardings):
-  """The jit-compiled train and eval steps on pure (params, opt_state) pytrees.
-
-  state_shardings: the (params, opt_state) shardings the train step returns, so every
-  step sees the same input layout and compiles once.
-  """
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
-
-  def loss_fn(params, batch):
-    model = nnx.merge(model_graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: no [B, L, V]
-    # log-probability array is formed, which saves a pass over the logits.
-    target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-    token_loss = jax.nn.logsumexp(logits, axis=-1) - target_logits
-    real = (batch["segment_ids"] > 0).astype(jnp.float32)
-    return (token_loss * real).sum(), real.sum()
-
-  def train_step(params, opt_state, batch):
-    def micro(carry, micro_batch):
-      grads, loss_sum, tokens = carry
-      (loss, count), grad = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
-      return (jax.tree.map(jnp.add, grads, grad), loss_sum + loss, tokens + count), None
-
-    # [B, L] -> [grad_accum, B / grad_accum, L], micro-batch m = rows m, m + grad_accum, ...
-    # so every data shard gives each micro-batch its share of rows; gradients summed.
-    split = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss_sum, tokens), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), split)
-    tokens = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-    loss = loss_sum / tokens
-    grad_norm = optax.tree.norm(grads)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    # A step is applied only when its loss, gradients and resulting parameters are all
-    # finite (a huge learning rate can overflow the update of finite gradients).
-    params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    return (keep(new_params, params), keep(new_opt_state, opt_state),
-            {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": tokens})
-
-  def eval_step(params, batch):
-    loss_sum, tokens = loss_fn(params, batch)
-    return loss_sum, tokens
-
-  return (jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(*state_shardings, None)),
-          jax.jit(eval_step))
+      cli.fail(f"{workdir} holds a run of another model ({differences}); use a new --workdir")
 
 
 # --------------------------------------------------------------------------- main
 
-def train(config, workdir: str, named: set[str]) -> bool:
+def train(config, workdir: str, named: set[str]) -> dict:
   """One training run in `workdir` (resumed if it has checkpoints). `named`: the config
-  fields the command line set. Returns True when a signal stopped it early."""
+  fields the command line set. Returns what the run did: {"step", "stopped_by_signal",
+  "loss", "eval_loss", "eval_ppl", "checkpoint"}."""
   import jax
   import numpy as np
-  from flax import nnx
   from tqdm import tqdm
 
+  from core.errors import ConfigError
   from data import pipeline, tokenizer as tokenizer_lib
-  from model import checkpoint as ckpt_lib, transformer
-  from configs import inherit
-  from model.config import AttentionConfig, ConfigError, ModelConfig
-  from parallel import layout, mesh as mesh_lib, sharding
+  from model import checkpoint as ckpt_lib, inherit
+  from model.config import AttentionConfig, ModelConfig
+  from parallel import mesh as mesh_lib, sharding
+  from training import peak, prefetch, state as state_lib, steps as steps_lib
 
-  logging.getLogger("absl").setLevel(logging.WARNING)
   lead = jax.process_index() == 0
   try:
     model_dict, data_files, init_dir = config.model.to_dict(), config.data.files, None
@@ -203,9 +92,9 @@ def train(config, workdir: str, named: set[str]) -> bool:
     files = pipeline.corpus_files([p for p in data_files.split(",") if p.strip()])
     documents = pipeline.load_documents(files)
   except FileNotFoundError as error:
-    fail(f"init_from: {error}" if config.init_from and init_dir is None else str(error))
+    cli.fail(f"init_from: {error}" if config.init_from and init_dir is None else str(error))
   except (ConfigError, ValueError) as error:
-    fail(str(error))
+    cli.fail(str(error))
   check_workdir(workdir, model_config.to_dict())
   os.makedirs(workdir, exist_ok=True)
 
@@ -219,20 +108,21 @@ def train(config, workdir: str, named: set[str]) -> bool:
       copy_assets(os.path.join(ckpt_lib.run_dir(init_dir), "assets"), assets)
   else:
     load_tokenizer = lambda: tokenizer_lib.load_or_train(
-        assets, files, lambda: documents, model_config.vocab_size)
+        assets, files, lambda: documents, model_config.vocab_size, verbose=cli.verbose())
   try:
     tokenizer = load_tokenizer() if lead else None
   except ValueError as error:  # e.g. a vocabulary larger than the corpus allows
-    fail(str(error))
+    cli.fail(str(error))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tokenizer")
   if tokenizer is None:  # the other processes load what process 0 stored
     tokenizer = load_tokenizer()
   # A host reads the rows of the global batch its devices hold (parallel/sharding.py).
-  global_shape = (config.data.batch_size, config.data.seq_len)
-  batch_sharding = sharding.named_sharding(mesh, ("batch", "sequence"))
-  first_row, rows = sharding.host_rows(batch_sharding, global_shape)
+  batch_size = config.data.batch_size
+  first_row, rows = sharding.host_rows(sharding.named_sharding(mesh, ("batch", "sequence")),
+                                       (batch_size, config.data.seq_len))
+  put = lambda batch: sharding.put_batch(batch, mesh, batch_size, first_row)
   train_docs, validation_docs = pipeline.split(documents)
   if config.data.passkey_fraction > 0:  # synthetic passkey documents teach retrieval
     from data import passkey
@@ -241,39 +131,29 @@ def train(config, workdir: str, named: set[str]) -> bool:
     train_docs = train_docs + passkey.training_documents(
         round(share / (1 - share) * len(train_docs)),
         max_fillers=max(1, (config.data.seq_len - 100) // per_filler), seed=config.seed)
-  data_options = dict(seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+  data_options = dict(seq_len=config.data.seq_len, batch_size=batch_size,
                       first_row=first_row, rows=rows, packing=config.data.packing)
   try:
     train_iter = pipeline.Batches(train_docs, tokenizer, seed=config.seed, **data_options)
   except ValueError as error:
-    fail(str(error))
+    cli.fail(str(error))
 
-  # Model and optimizer state, created sharded.
-  model = transformer.create(model_config, mesh, config.seed, attention)
-  graphdef, params = nnx.split(model)
-  params = nnx.to_pure_dict(params)
-  tx, schedule = make_optimizer(config.train, params)
-  opt_state = jax.jit(tx.init)(params)
-  replicated = jax.NamedSharding(mesh, jax.P())  # scalars (step counts) live on every device
-  opt_state = jax.device_put(opt_state, jax.tree.map(
-      lambda x: x.sharding if isinstance(x.sharding, jax.NamedSharding) else replicated,
-      opt_state))
-  abstract = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
+  # Model and optimizer state, created sharded; a checkpoint's, when there is one.
+  state = state_lib.init_state(model_config, config.train, mesh, config.seed, attention)
+  params, opt_state = state.params, state.opt_state
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.checkpoint.keep)
   start_step = 0
-  restored = checkpointer.restore_latest(abstract(params), abstract(opt_state), train_iter)
+  restored = checkpointer.restore_latest(*state.abstract(), train_iter)
   if restored:
     start_step, params, opt_state, _ = restored
     if lead:
       print(f"resumed from step {start_step}", flush=True)
   elif config.init_from:
     try:
-      params, meta = ckpt_lib.load_params(init_dir, abstract(params))
+      params, meta = ckpt_lib.load_params(init_dir, state.abstract()[0])
     except (FileNotFoundError, ValueError) as error:
-      fail(f"init_from: {error}")
+      cli.fail(f"init_from: {error}")
     if lead:
       print(f"initialised parameters from {config.init_from} (step {meta['step']})", flush=True)
   resolved = dict(config.to_dict(), model=model_config.to_dict(),  # head_dim etc. filled in
@@ -284,32 +164,23 @@ def train(config, workdir: str, named: set[str]) -> bool:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2, default=str)
 
-  state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-  train_step, eval_step = make_steps(graphdef, tx, config.train.grad_accum, state_shardings)
-  ring = mesh.shape["sequence"]
-
-  def to_device(batch):
-    """This host's rows (natural order) -> global [B, L] arrays in zigzag order."""
-    def build(rows):
-      rows = layout.to_zigzag(rows, ring)
-      def shard(index):  # index: global slices; this host holds rows from first_row
-        start, stop = index[0].indices(global_shape[0])[:2]
-        return rows[start - first_row:stop - first_row, index[1]]
-      return jax.make_array_from_callback(global_shape, batch_sharding, shard)
-    return {key: build(value) for key, value in batch.items()}
+  train_step, eval_step = steps_lib.make_steps(state.graphdef, state.tx,
+                                               config.train.grad_accum, state.shardings)
+  counters = steps_lib.new_counters(mesh)
 
   def evaluate(params):
-    options = dict(data_options, batch_size=min(config.data.batch_size, len(validation_docs)))
+    options = dict(data_options, batch_size=min(batch_size, len(validation_docs)))
     iterator = pipeline.Batches(validation_docs, tokenizer, seed=0, repeat=False, **options)
     loss_sum = tokens = 0.0
     for _, batch in zip(range(config.log.eval_batches), iterator):
-      batch_loss, batch_tokens = eval_step(params, to_device(batch))
+      batch_loss, batch_tokens = eval_step(
+          params, sharding.put_batch(batch, mesh, options["batch_size"], first_row))
       loss_sum, tokens = loss_sum + float(batch_loss), tokens + float(batch_tokens)
     return loss_sum / tokens if tokens else None
 
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  peak = peak_flops_per_device(jax, model_config.dtype)
+  peak_flops = peak.peak_flops_per_device(mesh, model_config.dtype)
   flops_per_token = model_config.flops_per_token(config.data.seq_len)
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
   tensorboard = None
@@ -317,51 +188,64 @@ def train(config, workdir: str, named: set[str]) -> bool:
     try:
       from tensorboardX import SummaryWriter
     except ImportError:
-      fail("log.tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'")
+      cli.fail("log.tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'")
     tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
   meta = {"config": resolved}
-
+  # The batch of the next step is read, laid out and put on the mesh while a step runs;
+  # checkpoints save the iterator's state after the batches the steps consumed.
+  batches = prefetch.Prefetch(train_iter, put)
   saved = {"step": start_step if restored else None}
 
   def save(step):
     if saved["step"] != step:
-      checkpointer.save(step, params, opt_state, train_iter,
+      checkpointer.save(step, params, opt_state, batches,
                         json.loads(json.dumps(meta, default=str)))
       saved["step"] = step
 
-  bad_steps, skipped_total, step = 0, 0, start_step
+  def check_bad_steps(step, counters):
+    """Stops the run once train.max_bad_steps steps in a row were not applied."""
+    bad = int(counters["bad_in_row"])
+    if bad >= config.train.max_bad_steps:
+      cli.fail(f"{bad} steps in a row had a non-finite loss, gradient or update (last: step "
+               f"{step}); lower train.lr or check the data. No checkpoint of this state was "
+               "written.")
+
+  step, last = start_step, {}
   progress = tqdm(total=config.train.steps, initial=start_step, disable=not lead, desc="train",
                   dynamic_ncols=True)
   last_time, last_step = time.perf_counter(), start_step
+  previous = None  # (step, counters) of the step before, read once the next one is queued
   try:
     while step < config.train.steps and stop["signal"] is None:
-      batch = to_device(next(train_iter))
-      params, opt_state, stats = train_step(params, opt_state, batch)
+      params, opt_state, counters, stats = train_step(params, opt_state, counters, next(batches))
       step += 1
-      finite = bool(stats["finite"])
-      bad_steps = 0 if finite else bad_steps + 1
-      skipped_total += not finite
       progress.update(1)
-      progress.set_postfix(loss=f"{float(stats['loss']):.3f}")
+      # The host reads the step before's counters while this step runs: the device queue
+      # never drains, and a run of non-finite steps still stops one step later at most.
+      if previous is not None:
+        check_bad_steps(*previous)
+      previous = step, counters
       first = step == start_step + 1  # its time includes compilation
       if first or step % config.log.every == 0 or step == config.train.steps:
         jax.block_until_ready(params)
         now = time.perf_counter()
         step_time = (now - last_time) / (step - last_step)
         last_time, last_step = now, step
-        tokens = config.data.batch_size * config.data.seq_len
+        tokens = batch_size * config.data.seq_len
         record = {"step": step, "loss": float(stats["loss"]),
-                  "learning_rate": float(schedule(step - 1)),
-                  "grad_norm": float(stats["grad_norm"]), "skipped_steps": skipped_total,
-                  "includes_compile": first,
+                  "learning_rate": float(state.schedule(step - 1)),
+                  "grad_norm": float(stats["grad_norm"]),
+                  "skipped_steps": int(counters["skipped"]), "includes_compile": first,
                   "tokens_per_sec": tokens / step_time, "step_time_s": step_time,
-                  "tflops_per_device": flops_per_token * tokens / step_time / jax.device_count()
+                  "tflops_per_device": flops_per_token * tokens / step_time / mesh.devices.size
                   / 1e12}
-        record["mfu"] = record["tflops_per_device"] * 1e12 / peak
+        record["mfu"] = record["tflops_per_device"] * 1e12 / peak_flops
+        progress.set_postfix(loss=f"{record['loss']:.3f}")
         if step % config.log.eval_every == 0 or step == config.train.steps:
           eval_loss = evaluate(params)
           if eval_loss is not None:
             record.update(eval_loss=eval_loss, eval_ppl=float(np.exp(eval_loss)))
+        last = record
         if metrics_file:
           finite_only = {k: v if not isinstance(v, float) or np.isfinite(v) else None
                          for k, v in record.items()}  # strict JSON: NaN/inf as null
@@ -373,19 +257,21 @@ def train(config, workdir: str, named: set[str]) -> bool:
               tensorboard.add_scalar(name, float(value), step)
           tensorboard.flush()
         last_time = time.perf_counter()  # evaluation and logging are not step time
-      if bad_steps >= config.train.max_bad_steps:
-        fail(f"{bad_steps} steps in a row had a non-finite loss, gradient or update (last: step "
-             f"{step});"
-             " lower train.lr or check the data. No checkpoint of this state was written.")
-      if step % config.checkpoint.every == 0 and finite:
+      if step % config.checkpoint.every == 0 and bool(stats["finite"]):
         save(step)
+    if previous is not None:
+      check_bad_steps(*previous)
     save(step)
     if stop["signal"] is not None and lead:
       print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, re-run to "
             "resume", flush=True)
-    return stop["signal"] is not None
+    return {"step": step, "stopped_by_signal": stop["signal"] is not None,
+            "loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
+            "eval_ppl": last.get("eval_ppl"),
+            "checkpoint": os.path.join(checkpointer.directory, str(step))}
   finally:
     progress.close()
+    batches.close()
     checkpointer.close()
     if metrics_file:
       metrics_file.close()
@@ -394,18 +280,18 @@ def train(config, workdir: str, named: set[str]) -> bool:
 
 
 def main(argv):
+  del argv
   config, workdir = FLAGS.config, FLAGS.workdir
   try:
     config.keys()
   except (OSError, AttributeError, ValueError) as error:
-    fail(f"--config: {error}")
-  start_jax()
-  from configs import inherit
-  named = inherit.named_fields(sys.argv)  # (absl has consumed them from argv)
+    cli.fail(f"--config: {error}")
+  named = cli.start()  # (absl has consumed the flags from argv; start reads sys.argv)
   if not config.get("stages"):
-    train(config, workdir, named)
+    report(train(config, workdir, named), workdir)
     return
   # A progressive schedule: stage i trains in <workdir>/stage-i from stage i-1's result.
+  result = None
   for index, overrides in enumerate(config.stages):
     stage_dir = os.path.join(workdir, f"stage-{index}")
     stage = stage_config(config, overrides, init_from=(
@@ -414,8 +300,28 @@ def main(argv):
       print(f"stage {index}: done ({stage_dir})", flush=True)
       continue
     print(f"stage {index}: {', '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
-    if train(stage, stage_dir, named | set(overrides)):
-      return  # stopped by a signal: re-running continues this stage
+    result = train(stage, stage_dir, named | set(overrides))
+    if result["stopped_by_signal"]:
+      return  # re-running continues this stage
+  if result is not None:
+    report(result, stage_dir)
+
+
+def report(result: dict, workdir: str):
+  """The run's last words on stdout (process 0): what ran, the figures, what is next."""
+  import jax
+  if jax.process_index() != 0 or result["stopped_by_signal"]:
+    return
+  figures = [f"loss {result['loss']:.3f}" if result["loss"] is not None else "",
+             f"validation loss {result['eval_loss']:.3f} (perplexity {result['eval_ppl']:.1f})"
+             if result["eval_loss"] is not None else ""]
+  cli.summary([
+      f"trained to step {result['step']}: {', '.join(f for f in figures if f)}",
+      f"checkpoint: {result['checkpoint']}",
+      f"metrics: {os.path.join(workdir, 'metrics.jsonl')}",
+      f"next: python -m tools.eval_ppl --checkpoint={workdir}   (perplexity at several lengths)",
+      f"      python serve.py --checkpoint={workdir} --input=requests.jsonl "
+      "--output=results.jsonl"])
 
 
 def copy_assets(source: str, target: str):
@@ -444,7 +350,7 @@ def stage_config(config, overrides: dict, init_from: str):
         raise KeyError(field)
       node[last] = type(node[last])(value) if isinstance(node[last], (int, float)) else value
     except (KeyError, TypeError, ValueError):
-      fail(f"stages: {field}={value!r} is not a config field (or not of its type)")
+      cli.fail(f"stages: {field}={value!r} is not a config field (or not of its type)")
   return stage
 
 
@@ -459,4 +365,4 @@ def newest_step(workdir: str) -> int:
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,12 +1,14 @@
-"""What every benchmark shares: the machine, its measured matmul peak, timing, memory, output."""
+"""What every benchmark shares: the machine, timing and the matmul peak (training/peak.py),
+memory, output."""
 
 import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
+
+from training.peak import matmul_peak, time_compiled  # noqa: F401  (the benchmarks' too)
 
 
 def machine() -> dict:
@@ -20,45 +22,11 @@ def machine() -> dict:
           "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
-def time_compiled(compiled, args, repeats: int) -> list[float]:
-  """Wall times of `repeats` runs after one warm-up run."""
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return times
-
-
 def planned_bytes(compiled) -> int:
   """Bytes XLA plans for one device of a compiled program: arguments, outputs, temporaries."""
   memory = compiled.memory_analysis()
   return (memory.argument_size_in_bytes + memory.output_size_in_bytes
           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-
-
-def matmul_peak(mesh, size: int = 4096, repeats: int = 5, dtype=jnp.float32) -> dict:
-  """FLOP/s of large `dtype` matmuls: one device alone, and every device of `mesh` at once.
-
-  The machine's peak is the larger of the two; on CPU the virtual devices share the cores.
-  Products accumulate in float32 as the model's do (model/matmul.py); on CPUs with AMX
-  bfloat16 ones then run ~4x faster than float32: measure in the dtype the work computes in.
-  """
-  matmul = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
-  a = jnp.ones((size, size), dtype)
-  one = jax.jit(lambda a: matmul(a, a)).lower(a).compile()
-  single = 2 * size**3 / min(time_compiled(one, (a,), repeats))  # a peak: the best run
-  count = mesh.devices.size
-  axes = tuple(mesh.axis_names)
-  stacked = jax.device_put(jnp.ones((count * size // 2, size // 2), dtype),
-                           jax.NamedSharding(mesh, jax.P(axes)))
-  every = jax.jit(jax.shard_map(lambda x: matmul(x, x.T), mesh=mesh, in_specs=jax.P(axes),
-                                out_specs=jax.P(axes))).lower(stacked).compile()
-  local = size // 2
-  parallel = count * 2 * local**3 / min(time_compiled(every, (stacked,), repeats))
-  return {"one_device_flops": single, "all_devices_flops": parallel,
-          "peak_flops": max(single, parallel)}
 
 
 def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:

@@ -47,8 +47,7 @@ def child(length: int, attention: str, memory_limit: float) -> dict:
 
     ring.ring_attention = full_attention
   mesh_sizes = f"data=1,sequence={RING_DEVICES}" if attention == "ring" else "data=1"
-  compiled, (params, opt_state, batch), _, mesh, compile_s = build_step(length, length,
-                                                                         mesh_sizes)
+  compiled, args, _, mesh, compile_s = build_step(length, length, mesh_sizes)
   planned = planned_bytes(compiled) * mesh.devices.size
   row = {"length": length, "attention": attention, "devices": mesh.devices.size,
          "compile_s": compile_s, "planned_bytes": planned}
@@ -56,7 +55,7 @@ def child(length: int, attention: str, memory_limit: float) -> dict:
     row["skipped"] = f"needs {planned / 2**30:.1f} GiB planned > {memory_limit / 2**30:.0f} GiB"
     return row
   start = time.perf_counter()
-  _, _, stats = compiled(params, opt_state, batch)
+  *_, stats = compiled(*args)
   jax.block_until_ready(stats)
   row.update(step_s=time.perf_counter() - start, loss=float(stats["loss"]),
              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -3,7 +3,7 @@
   python -m bench.train                 # seq_len 2048 and 8192 (~6 min on 2 cores)
   python -m bench.train --quick         # seq_len 512, two timed steps (a smoke run)
 
-One jit-compiled step of train.py (loss, gradients, AdamW update) on random tokens,
+One jit-compiled step of training/steps.py, as train.py runs it (loss, gradients, AdamW update) on random tokens,
 one document per row, timed after a warm-up step; median over `--steps`. Each length
 gets `--tokens_per_step` tokens (batch = tokens / seq_len). Model FLOPs are
 ModelConfig.flops_per_token: 6 per matmul parameter plus attention with the causal
@@ -26,18 +26,16 @@ NUM_DEVICES = 8
 def build_step(seq_len: int, tokens_per_step: int, mesh_sizes: str = "", remat: str = "none"):
   """train.py's step for `tiny` at `seq_len`, compiled, with random-token inputs.
 
-  Returns (compiled step, (params, opt_state, batch), model config, mesh, compile_s).
+  Returns (compiled step, (params, opt_state, counters, batch), model config, mesh,
+  compile_s).
   `mesh_sizes` is "data=2,sequence=4" style ("" = configs/tiny.py's mesh).
   """
-  import jax
   import numpy as np
-  from flax import nnx
 
-  import train
   from configs import tiny
-  from model import transformer
   from model.config import AttentionConfig, ModelConfig
-  from parallel import layout, mesh as mesh_lib, sharding
+  from parallel import mesh as mesh_lib, sharding
+  from training import state as state_lib, steps as steps_lib
 
   config = tiny.get_config()
   config.data.seq_len = seq_len
@@ -49,32 +47,23 @@ def build_step(seq_len: int, tokens_per_step: int, mesh_sizes: str = "", remat: 
   model_config = ModelConfig.from_dict(config.model.to_dict())
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   mesh_lib.validate(model_config, mesh, seq_len=seq_len, batch_size=config.data.batch_size)
-  model = transformer.create(model_config, mesh, config.seed,
-                             AttentionConfig(**config.attention.to_dict()))
-  graphdef, params = nnx.split(model)
-  params = nnx.to_pure_dict(params)
-  tx, _ = train.make_optimizer(config.train, params)
-  opt_state = jax.jit(tx.init)(params)
-  replicated = jax.NamedSharding(mesh, jax.P())
-  opt_state = jax.device_put(opt_state, jax.tree.map(
-      lambda x: x.sharding if isinstance(x.sharding, jax.NamedSharding) else replicated,
-      opt_state))
-  state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-  train_step, _ = train.make_steps(graphdef, tx, 1, state_shardings)
+  state = state_lib.init_state(model_config, config.train, mesh, config.seed,
+                               AttentionConfig(**config.attention.to_dict()))
+  train_step, _ = steps_lib.make_steps(state.graphdef, state.tx, 1, state.shardings)
+  params, opt_state, counters = state.params, state.opt_state, steps_lib.new_counters(mesh)
 
-  batch_size, ring = config.data.batch_size, mesh.shape["sequence"]
+  batch_size = config.data.batch_size
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, model_config.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
   rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
           "segment_ids": np.ones((batch_size, seq_len), np.int32),
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len))}
-  batch_sharding = sharding.named_sharding(mesh, ("batch", "sequence"))
-  batch = {key: jax.device_put(layout.to_zigzag(np.ascontiguousarray(value), ring),
-                               batch_sharding) for key, value in rows.items()}
+  batch = sharding.put_batch(rows, mesh)
 
   start = time.perf_counter()
-  compiled = train_step.lower(params, opt_state, batch).compile()
-  return compiled, (params, opt_state, batch), model_config, mesh, time.perf_counter() - start
+  compiled = train_step.lower(params, opt_state, counters, batch).compile()
+  return (compiled, (params, opt_state, counters, batch), model_config, mesh,
+          time.perf_counter() - start)
 
 
 def run_length(seq_len, args, peak):
@@ -82,15 +71,15 @@ def run_length(seq_len, args, peak):
   import jax
   import numpy as np
 
-  compiled, (params, opt_state, batch), model_config, mesh, compile_s = build_step(
+  compiled, (params, opt_state, counters, batch), model_config, mesh, compile_s = build_step(
       seq_len, args.tokens_per_step, args.mesh, args.remat)
   batch_size = batch["inputs"].shape[0]
-  params, opt_state, stats = compiled(params, opt_state, batch)  # warm-up
+  params, opt_state, counters, stats = compiled(params, opt_state, counters, batch)  # warm-up
   jax.block_until_ready(stats)
   times, losses = [], []
   for _ in range(args.steps):
     start = time.perf_counter()
-    params, opt_state, stats = compiled(params, opt_state, batch)
+    params, opt_state, counters, stats = compiled(params, opt_state, counters, batch)
     jax.block_until_ready((params, stats))
     times.append(time.perf_counter() - start)
     losses.append(float(stats["loss"]))

@@ -1,52 +1,26 @@
 """Every ringlm config field with its default. Other config files start from this one.
 
-Fields are overridden on the command line: --config.model.n_layers=2.
+Fields are overridden on the command line: --config.model.n_layers=2. The `model` and
+`attention` sections come from model/config.py's dataclasses, the one source of their
+defaults; every other section is defined here.
 """
 
 import ml_collections
+
+from model import config as model_config
 
 
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameter init (and, with training, data order and dropout-free RNG)
 
-  # --- model (model/config.py: ModelConfig) ---
-  config.model = ml_collections.ConfigDict()
-  config.model.vocab_size = 8192
-  config.model.dim = 256
-  config.model.n_layers = 4
-  config.model.n_heads = 8
-  config.model.n_kv_heads = 2        # grouped-query attention: n_heads % n_kv_heads == 0
-  config.model.head_dim = 0          # 0: dim // n_heads
-  config.model.mlp_dim = 768         # SwiGLU hidden size
-  config.model.norm_eps = 1e-5
-  config.model.tie_embeddings = False
-  config.model.qkv_bias = False      # biases on q, k, v projections (Qwen2)
-  config.model.max_seq_len = 4096    # longest context the model is meant to serve
-  config.model.dtype = "float32"     # compute dtype (bfloat16 on TPU/GPU)
-  config.model.param_dtype = "float32"  # master weights
-  config.model.remat = "none"        # none | full | dots: recompute blocks in the backward pass
-  config.model.init_std = 0.02
-  config.model.rope = ml_collections.ConfigDict()
-  config.model.rope.theta = 10_000.0
-  config.model.rope.scaling = ml_collections.ConfigDict()
-  # Context extension (model/config.py RopeScaling): none | linear (position
-  # interpolation) | ntk | dynamic | yarn | llama3; or raise rope.theta (LWM).
-  config.model.rope.scaling.type = "none"
-  config.model.rope.scaling.factor = 1.0
-  config.model.rope.scaling.original_max_len = 0  # trained context (dynamic, yarn, llama3)
-  config.model.rope.scaling.low_freq_factor = 1.0   # llama3
-  config.model.rope.scaling.high_freq_factor = 4.0  # llama3
-  config.model.rope.scaling.beta_fast = 32.0        # yarn
-  config.model.rope.scaling.beta_slow = 1.0         # yarn
-  config.model.rope.scaling.attention_factor = 0.0  # yarn: 0 = 0.1 ln(factor) + 1
-  config.model.rope.scaling.truncate = True         # yarn
-
-  # --- attention kernels (parallel/kernels/) ---
-  config.attention = ml_collections.ConfigDict()
-  config.attention.impl = "auto"     # auto (Pallas on TPU/GPU, xla on CPU) | xla | pallas_tpu | pallas_gpu
-  config.attention.block_q = 0       # query rows per kernel block; 0: the kernel's default
-  config.attention.block_kv = 0      # keys per block; 0: the kernel's default (TPU: multiple of 128)
+  # --- model and attention: model/config.py's dataclasses hold every field's default and
+  # comment (ModelConfig, RopeConfig, RopeScaling, AttentionConfig); override any of them,
+  # e.g. --config.model.n_layers=2 --config.model.rope.scaling.type=yarn
+  # --config.attention.impl=xla.
+  config.model = ml_collections.ConfigDict(model_config.defaults(model_config.ModelConfig))
+  config.attention = ml_collections.ConfigDict(
+      model_config.defaults(model_config.AttentionConfig))
 
   # --- mesh (parallel/mesh.py); -1 takes the remaining devices ---
   config.mesh = ml_collections.ConfigDict()

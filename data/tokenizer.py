@@ -6,7 +6,7 @@ trains (and stores) a new one otherwise. Training is deterministic: lines are sa
 in Python with a fixed seed (sentencepiece's own sampling is not reproducible) and
 the model is written to memory, so no path is stored inside it.
 
-Settings for code (see ../shared/LIBRARY_NOTES.md): BPE with byte fallback, digits
+Settings for code (docs/library-notes.md, "sentencepiece"): BPE with byte fallback, digits
 split, no whitespace normalisation, "\\n" and "\\t" as user-defined symbols (training
 is line based, so newlines never appear in the training text), so that
 decode(encode(text)) == text for any text without U+2581.
@@ -47,11 +47,13 @@ def _sample_lines(documents, count, seed=0):
   return lines
 
 
-def load_or_train(assets_dir: str, files: list[str], documents, vocab_size: int):
+def load_or_train(assets_dir: str, files: list[str], documents, vocab_size: int,
+                  verbose: bool = False):
   """The tokenizer for (files, vocab_size): cached in assets_dir, else trained there.
 
   `documents` is a callable returning an iterator over the corpus' texts (only
-  called when training is needed).
+  called when training is needed). `verbose`: let sentencepiece's trainer print its
+  settings and progress (hundreds of lines on stderr).
   """
   model_path = os.path.join(assets_dir, "tokenizer.model")
   info_path = os.path.join(assets_dir, INFO)
@@ -67,7 +69,8 @@ def load_or_train(assets_dir: str, files: list[str], documents, vocab_size: int)
   model = io.BytesIO()  # in memory: no model prefix (a path) gets stored in the model
   try:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
-                                   vocab_size=vocab_size, **SETTINGS)
+                                   vocab_size=vocab_size, minloglevel=0 if verbose else 2,
+                                   **SETTINGS)
   except RuntimeError as error:  # e.g. "Vocabulary size too high (512). ... <= 391."
     limit = re.search(r"<= (\d+)", str(error))
     if limit is None:

@@ -1,15 +1,14 @@
-"""Model configuration: the shape of a Llama-family transformer and its RoPE.
+"""Model configuration: the shape of a Llama-family transformer, its RoPE, its attention.
 
-`ModelConfig.from_dict` reads the `model` section of an ml_collections config
-(configs/base.py lists every field with a comment), so configs and code share names.
+These dataclasses are the one source of the model's and attention's defaults:
+configs/base.py builds its `model` and `attention` sections from them (`defaults`), and
+`ModelConfig.from_dict` reads a `model` section back, so configs and code share names.
 """
 
 import dataclasses
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-  """A configuration value that cannot work; the message names the field and a fix."""
+from core.errors import ConfigError
 
 
 SCALING_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
@@ -78,21 +77,21 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int = 8192
-  dim: int = 256
+  vocab_size: int = 8192        # V
+  dim: int = 256                # M, the model dimension
   n_layers: int = 4
-  n_heads: int = 8
-  n_kv_heads: int = 2
-  head_dim: int = 0          # 0: dim // n_heads
-  mlp_dim: int = 768         # SwiGLU hidden size
+  n_heads: int = 8              # H query heads
+  n_kv_heads: int = 2           # K key/value heads (grouped-query attention: H % K == 0)
+  head_dim: int = 0             # D; 0: dim // n_heads
+  mlp_dim: int = 768            # F, the SwiGLU hidden size
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
-  qkv_bias: bool = False     # biases on the q, k, v projections (Qwen2)
-  max_seq_len: int = 4096    # longest context the model is meant to serve
+  qkv_bias: bool = False        # biases on the q, k, v projections (Qwen2)
+  max_seq_len: int = 4096       # longest context the model is meant to serve
   rope: RopeConfig = RopeConfig()
-  dtype: str = "float32"        # compute dtype of activations and matmuls
+  dtype: str = "float32"        # compute dtype of activations and matmuls (bfloat16 on TPU/GPU)
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
-  remat: str = "none"           # none | full | dots (save matmul outputs)
+  remat: str = "none"           # none | full | dots: recompute blocks in the backward pass
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -137,3 +136,15 @@ class ModelConfig:
     matmul_params = self.param_count(include_embeddings=False) + self.vocab_size * self.dim
     attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
     return 6 * matmul_params + attention * (0.5 if causal else 1.0)
+
+
+def defaults(cls) -> dict:
+  """The declared defaults of a config dataclass as a nested dict (nested dataclasses
+  become dicts): what configs/base.py starts from. Declared, not derived: ModelConfig's
+  head_dim stays 0 here, although an instance fills it in."""
+  values = {}
+  for field in dataclasses.fields(cls):
+    value = field.default
+    values[field.name] = (defaults(type(value)) if dataclasses.is_dataclass(value)
+                          else value)
+  return values

@@ -1,6 +1,6 @@
 """Mixed-precision projections: activations times weights with float32 accumulation.
 
-  y = project("bld,df->blf", x, w_gate)        # x [B, L, dim] bf16, w [dim, F] fp32 master
+  y = project("blm,mf->blf", x, w_gate)        # x [B, L, M] bf16, w [M, F] fp32 master
 
 The weight is cast to the activations' dtype (the compute dtype), the product is
 accumulated in float32 and returned in `out_dtype` (default: the activations' dtype).
@@ -34,7 +34,8 @@ def project(spec: str, x, weight, out_dtype=None):
 
   spec: a two-operand einsum in which every summed index appears in both operands and
   every output index in exactly one of them with the batch-like ones in x (true of
-  every projection: "bld,dhk->blhk", "blhk,hkd->bld", "bld,vd->blv", ...).
+  every projection: "blm,mhd->blhd", "blhd,hdm->blm", "blm,vm->blv", ...; letters of
+  core/__init__.py).
   x: activations in the compute dtype; weight: parameters (any float dtype).
   Sharding: whatever the operands carry (jit/GSPMD propagates it).
   """

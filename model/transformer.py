@@ -1,6 +1,9 @@
 """A Llama-family transformer in Flax NNX, read top to bottom.
 
-  tokens [B, L] ─► embed ─► N × (x + attn(norm(x)); x + mlp(norm(x))) ─► norm ─► logits [B, L, V]
+  tokens [B, L] ─► embed ─► n_layers × (x + attn(norm(x)); x + mlp(norm(x))) ─► norm ─► logits [B, L, V]
+
+Dimension letters (core/__init__.py): B batch, L tokens, M model dim, H query heads,
+K kv heads, D head dim, F SwiGLU hidden, V vocabulary.
 
 Attention is `parallel.ring.ring_attention` over the mesh's `sequence` axis: with
 sequence = 1 the ring has one device and the same code runs. Masks come from
@@ -14,7 +17,9 @@ writing its keys and values into the cache and attending over it
 (`ring.decode_attention`).
 
 Every parameter names its logical axes (`logical_axes` metadata) and activations are
-constrained by logical names; parallel/sharding.py maps both to the mesh.
+constrained by logical names; parallel/sharding.py maps both to the mesh. A token
+axis is split over the ring unless a row holds one token (sharding.tokens_axis, decided
+once per forward).
 Parameters are stored in `param_dtype` and cast to `dtype` for compute; every
 projection accumulates in float32 (model/matmul.py); norms, softmax statistics and
 logits are float32.
@@ -70,15 +75,14 @@ class Attention(nnx.Module):
       self.bk = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), config)
       self.bv = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), config)
 
-  def __call__(self, x, cos, sin, positions, segment_ids, cache: KVCache | None, layer: int):
-    """(output [B, L, dim], (k, v)): this call's keys/values [B, L, Hkv, D] without a
+  def __call__(self, x, cos, sin, positions, segment_ids, cache: KVCache | None, layer: int,
+               tokens_axis):
+    """(output [B, L, M], (k, v)): this call's keys/values [B, L, K, D] without a
     cache, the layer's updated cache arrays with one."""
     dtype = self.config.dtype
-    tokens_axis = "sequence" if cache is None else None
-    # [B, L, dim] x [dim, H, Dh] -> [B, L, H, Dh]
-    q = project("bld,dhk->blhk", x, self.wq[...])
-    k = project("bld,dhk->blhk", x, self.wk[...])
-    v = project("bld,dhk->blhk", x, self.wv[...])
+    q = project("blm,mhd->blhd", x, self.wq[...])
+    k = project("blm,mkd->blkd", x, self.wk[...])
+    v = project("blm,mkd->blkd", x, self.wv[...])
     if self.config.qkv_bias:
       q, k, v = (y + b[...].astype(dtype) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     q = sharding.constrain(rope.apply_rotary(q, cos, sin), self.mesh,
@@ -93,12 +97,11 @@ class Attention(nnx.Module):
     else:
       write = lambda array, new, slot_axis: ring.cache_write(
           array, new, cache.step, cache.prompt_slots, slot_axis=slot_axis, mesh=self.mesh)
-      # [B, 1, Hkv, D] -> keys [B, Hkv, D, 1], values [B, Hkv, 1, D] (model/kv_cache.py)
+      # [B, 1, K, D] -> keys [B, K, D, 1], values [B, K, 1, D] (model/kv_cache.py)
       k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
       v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
       out = ring.decode_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
-    # [B, L, H, Dh] x [H, Dh, dim] -> [B, L, dim]
-    return project("blhk,hkd->bld", out, self.wo[...]), (k, v)
+    return project("blhd,hdm->blm", out, self.wo[...]), (k, v)
 
 
 class MLP(nnx.Module):
@@ -110,11 +113,11 @@ class MLP(nnx.Module):
     self.w_up = _param(rngs, (config.dim, config.mlp_dim), ("embed", "mlp"), config)
     self.w_down = _param(rngs, (config.mlp_dim, config.dim), ("mlp", "embed"), config)
 
-  def __call__(self, x, tokens_axis="sequence"):
-    gate = project("bld,df->blf", x, self.w_gate[...])
-    up = project("bld,df->blf", x, self.w_up[...])
+  def __call__(self, x, tokens_axis):
+    gate = project("blm,mf->blf", x, self.w_gate[...])
+    up = project("blm,mf->blf", x, self.w_up[...])
     hidden = sharding.constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", tokens_axis, "mlp"))
-    return project("blf,fd->bld", hidden, self.w_down[...])
+    return project("blf,fm->blm", hidden, self.w_down[...])
 
 
 class Block(nnx.Module):
@@ -127,9 +130,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config)
     self.mlp = MLP(config, mesh, rngs=rngs)
 
-  def __call__(self, x, cos, sin, positions, segment_ids, cache, layer):
-    tokens_axis = "sequence" if cache is None else None
-    attended, kv = self.attn(self.attn_norm(x), cos, sin, positions, segment_ids, cache, layer)
+  def __call__(self, x, cos, sin, positions, segment_ids, cache, layer, tokens_axis):
+    attended, kv = self.attn(self.attn_norm(x), cos, sin, positions, segment_ids, cache, layer,
+                             tokens_axis)
     x = x + attended
     x = x + self.mlp(self.mlp_norm(x), tokens_axis)
     return sharding.constrain(x, self.mesh, ("batch", tokens_axis, "act_embed")), kv
@@ -151,7 +154,7 @@ class Transformer(nnx.Module):
                             for _ in range(config.n_layers)])
     self.final_norm = RMSNorm(config)
     if not config.tie_embeddings:
-      # [vocab, dim] like the embedding table: one output row per token, which makes the
+      # [V, M] like the embedding table: one output row per token, which makes the
       # decode step's head matmul (32 rows x 32000 outputs) ~20% faster on XLA:CPU.
       self.lm_head = _param(rngs, (config.vocab_size, config.dim), ("vocab", "embed"), config)
 
@@ -174,18 +177,18 @@ class Transformer(nnx.Module):
     """The transformer up to the final norm: training, prefill and decode.
 
     Without `cache`: tokens, positions, segment_ids as in `__call__` ([B, L], L over
-    sequence); returns (hidden [B, L, dim], per-layer (k, v) [B, L, Hkv, D] sharded
+    sequence); returns (hidden [B, L, M], per-layer (k, v) [B, L, K, D] sharded
     (batch, sequence, kv_heads)), the keys and values a prefill caches.
     With `cache`: tokens, positions [B, 1] (one new token per row, batch-sharded);
-    returns (hidden [B, 1, dim], the cache with this token written at decode step
+    returns (hidden [B, 1, M], the cache with this token written at decode step
     `cache.step` and the step advanced).
     """
     config = self.config
-    tokens_axis = "sequence" if cache is None else None
+    tokens_axis = sharding.tokens_axis(tokens.shape[1])
     cos, sin = rope.rotary_tables(config.rope, config.head_dim, positions)
     # FSDP gathers the table's model dimension before the lookup, as for any weight.
     table = sharding.constrain(self.embed[...], self.mesh, ("vocab", None))
-    x = jnp.take(table, tokens, axis=0).astype(config.dtype)  # [B, L, dim]
+    x = jnp.take(table, tokens, axis=0).astype(config.dtype)  # [B, L, M]
     x = sharding.constrain(x, self.mesh, ("batch", tokens_axis, "act_embed"))
     if cache is not None:  # every layer sees the new token's position in its slot
       cache = dataclasses.replace(cache, positions=ring.cache_write(
@@ -193,7 +196,7 @@ class Transformer(nnx.Module):
           slot_axis=ring.POSITION_SLOTS, mesh=self.mesh))
 
     def run_block(block, x, layer):
-      return block(x, cos, sin, positions, segment_ids, cache, layer)
+      return block(x, cos, sin, positions, segment_ids, cache, layer, tokens_axis)
 
     if config.remat != "none":
       run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[config.remat], static_argnums=(2,))
@@ -209,12 +212,12 @@ class Transformer(nnx.Module):
                                   values=tuple(v for _, v in layer_kv), step=cache.step + 1)
 
   def head(self, hidden):
-    """hidden [B, L, dim] (after the final norm) -> logits [B, L, vocab] float32."""
+    """hidden [B, L, M] (after the final norm) -> logits [B, L, V] float32."""
     config = self.config
-    head = self.embed[...] if config.tie_embeddings else self.lm_head[...]  # [V, dim]
-    logits = project("bld,vd->blv", hidden.astype(config.dtype), head, jnp.float32)
-    tokens_axis = "sequence" if hidden.shape[1] > 1 else None
-    return sharding.constrain(logits, self.mesh, ("batch", tokens_axis, "vocab"))
+    head = self.embed[...] if config.tie_embeddings else self.lm_head[...]  # [V, M]
+    logits = project("blm,vm->blv", hidden.astype(config.dtype), head, jnp.float32)
+    return sharding.constrain(logits, self.mesh,
+                              ("batch", sharding.tokens_axis(hidden.shape[1]), "vocab"))
 
 
 def create(config: ModelConfig, mesh, seed: int = 0,

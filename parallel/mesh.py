@@ -11,7 +11,7 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh
 
-from model.config import ConfigError, ModelConfig
+from core.errors import ConfigError
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -56,9 +56,10 @@ def make_mesh(sizes: dict | None = None, devices=None) -> Mesh:
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def validate(model: ModelConfig, mesh: Mesh, *, seq_len: int | None = None,
+def validate(model, mesh: Mesh, *, seq_len: int | None = None,
              batch_size: int | None = None) -> None:
-  """Raises ConfigError if the model, sequence length or batch cannot run on `mesh`."""
+  """Raises ConfigError if the model (a model.config.ModelConfig), sequence length or
+  batch cannot run on `mesh`."""
   data, fsdp, sequence, tensor = (mesh.shape[axis] for axis in AXES)
 
   def multiple(field, value, of, why, note=""):

@@ -6,8 +6,11 @@ theirs where the model constrains them. Nothing outside `parallel/` names a mesh
 """
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+
+from parallel import layout
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
 RULES = {
@@ -22,6 +25,13 @@ RULES = {
     "head_dim": None,
     "norm": None,               # RMSNorm scales: tiny, replicated
 }
+
+
+def tokens_axis(length: int) -> str | None:
+  """The logical axis of an activation's token dimension of `length` tokens per row: split
+  over the ring ("sequence"), unless a row holds one token (a decode step, a prompt's
+  last token), which stays whole on every device of the ring."""
+  return "sequence" if length > 1 else None
 
 
 def spec(logical_axes) -> PartitionSpec:
@@ -66,3 +76,38 @@ def host_rows(sharding: NamedSharding, global_shape) -> tuple[int, int]:
            if device.process_index == jax.process_index()]
   first, last = min(s[0] for s in spans), max(s[1] for s in spans)
   return first, last - first
+
+
+def put_rows(rows, mesh, logical_axes, global_rows: int | None = None, first_row: int = 0):
+  """Host rows -> one global jax.Array on `mesh`, split by `logical_axes`: the one way
+  host data gets onto the mesh (training batches, evaluation rows, serving requests).
+
+  Args:
+    rows: NumPy [R, ...]: rows [first_row, first_row + R) of the global array, as this
+      process holds them. One host, or every host holding the whole array: R = B,
+      first_row = 0. Several hosts each reading their own rows: `host_rows` says which.
+    logical_axes: names of the array's dimensions, e.g. ("batch", "sequence").
+    global_rows: B, the global row count (default R: this process holds every row).
+  Returns:
+    [B, ...] jax.Array; each device gets its shard from this process's rows.
+  """
+  rows = np.asarray(rows)
+  shape = (rows.shape[0] if global_rows is None else global_rows, *rows.shape[1:])
+
+  def shard(index):  # index: this device's global slices
+    start, stop = index[0].indices(shape[0])[:2]
+    return rows[(slice(start - first_row, stop - first_row), *index[1:])]
+
+  return jax.make_array_from_callback(shape, named_sharding(mesh, logical_axes), shard)
+
+
+def put_batch(batch: dict, mesh, global_rows: int | None = None, first_row: int = 0) -> dict:
+  """A batch of [R, L] token arrays (inputs, targets, positions, segment ids, ...) in
+  natural order -> global [B, L] arrays sharded ("batch", "sequence"), the tokens in
+  zigzag order over the ring (parallel/layout.py) when mesh.sequence > 1. Arguments as
+  for `put_rows`."""
+  ring = mesh.shape["sequence"]
+  order = (lambda x: layout.to_zigzag(x, ring)) if ring > 1 else (lambda x: x)
+  return {key: put_rows(order(np.asarray(value)), mesh, ("batch", "sequence"), global_rows,
+                        first_row)
+          for key, value in batch.items()}

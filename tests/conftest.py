@@ -14,7 +14,8 @@ from parallel import mesh as mesh_lib  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 virtual devices; was jax started before conftest?"
 
-# The meshes every multi-device test runs on (DESIGN.md: batch, heads and sequence split).
+# The meshes every multi-device test runs on: the ring alone, with data, with tensor
+# (docs/design.md, "Testing without accelerators").
 MESHES = {
     "seq8": {"sequence": 8},
     "data2-seq4": {"data": 2, "sequence": 4},

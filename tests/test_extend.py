@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.test_train import FAST, ROOT, run_train
+from tests.test_train import ROOT, run_train
 
 ENV = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
 

@@ -10,11 +10,13 @@ import pytest
 from model.matmul import project
 
 # (spec, x shape, weight shape): every projection the transformer makes
-CASES = [("bld,dhk->blhk", (2, 6, 16), (16, 4, 8)),   # q, k, v
-         ("blhk,hkd->bld", (2, 6, 4, 8), (4, 8, 16)),   # attention output
-         ("bld,df->blf", (2, 6, 16), (16, 24)),         # gate, up
-         ("blf,fd->bld", (2, 6, 24), (24, 16)),         # down
-         ("bld,vd->blv", (2, 6, 16), (40, 16))]         # head ([vocab, dim])
+# (letters of core/__init__.py)
+CASES = [("blm,mhd->blhd", (2, 6, 16), (16, 4, 8)),   # q
+         ("blm,mkd->blkd", (2, 6, 16), (16, 2, 8)),   # k, v
+         ("blhd,hdm->blm", (2, 6, 4, 8), (4, 8, 16)),   # attention output
+         ("blm,mf->blf", (2, 6, 16), (16, 24)),         # gate, up
+         ("blf,fm->blm", (2, 6, 24), (24, 16)),         # down
+         ("blm,vm->blv", (2, 6, 16), (40, 16))]         # head ([V, M])
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])

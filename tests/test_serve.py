@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import serve
+from serving.engine import Engine
+from serving.requests import Request
+from serving.sampling import sample
 from model import transformer
 from model.config import ModelConfig
 from parallel import mesh as mesh_lib
@@ -26,7 +28,7 @@ PROMPT_LENGTHS = (3, 17, 30, 5)  # two prompt buckets (16 and 32), uneven rows
 def make_engine(mesh_sizes, devices=None, **options):
   mesh = mesh_lib.make_mesh(mesh_sizes, devices=devices)
   model = transformer.create(CONFIG, mesh, seed=7)
-  return serve.Engine(model, mesh, **{"decode_chunk": 4, **options})
+  return Engine(model, mesh, **{"decode_chunk": 4, **options})
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def engines():
 
 def requests(rng, **fields):
   """Fresh random prompts of PROMPT_LENGTHS tokens, 9 new tokens each."""
-  return [serve.Request(line=i + 1, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
+  return [Request(line=i + 1, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
                         max_tokens=9, **fields) for i, n in enumerate(PROMPT_LENGTHS)]
 
 
@@ -103,7 +105,7 @@ def test_compilations_stay_within_the_buckets(engines, rng):
   before = engine.compilations
   # The same buckets (two rows of <= 16 tokens, two of 17-32, 8 new tokens of room):
   # other prompts and max_tokens, no compilation.
-  batch = [serve.Request(line=i, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
+  batch = [Request(line=i, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
                          max_tokens=m) for i, (n, m) in enumerate(((4, 9), (20, 6), (31, 7),
                                                                    (12, 8)), start=1)]
   engine.generate(batch)
@@ -118,7 +120,7 @@ def test_compiled_from_parameter_shapes(engines, rng):
   graphdef, state = nnx.split(served.model)
   shapes = nnx.merge(graphdef, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
-  engine = serve.Engine(shapes, served.mesh, decode_chunk=4)
+  engine = Engine(shapes, served.mesh, decode_chunk=4)
   batch = requests(rng)
   engine.compile(batch)
   assert engine.compilations == 4  # (prefill + decode) x 2 prompt buckets
@@ -131,7 +133,7 @@ def test_compiled_from_parameter_shapes(engines, rng):
 
 def test_sampling_is_reproducible_per_seed(engines, rng):
   prompt = rng.integers(0, 256, 12).tolist()
-  make = lambda line, seed, **kw: serve.Request(line=line, id=line, prompt_tokens=prompt,
+  make = lambda line, seed, **kw: Request(line=line, id=line, prompt_tokens=prompt,
                                                 max_tokens=12, temperature=1.0, seed=seed, **kw)
   batch = [make(1, 5), make(2, 5), make(3, 6), make(4, 5, top_k=1), make(5, 5, top_p=1e-6)]
   first = engines["one"].generate(batch)
@@ -148,7 +150,7 @@ def test_sample_keeps_only_the_top_k_and_top_p_tokens():
             jnp.zeros(3, jnp.uint32))
   seen = [set(), set(), set()]
   for index in range(200):
-    tokens, _ = serve.sample(logits, *params, jnp.full(3, index, jnp.int32), sampling=True)
+    tokens, _ = sample(logits, *params, jnp.full(3, index, jnp.int32), sampling=True)
     for row, token in enumerate(np.asarray(tokens)):
       seen[row].add(int(token))
   assert seen == [{0, 1}, {0, 1}, {0, 1, 2}]
@@ -158,7 +160,7 @@ def test_end_of_sequence_stops_a_row(engines, greedy_results):
   batch, results = greedy_results
   reference = results["one"][batch[0].line]["tokens"]
   engine = engines["one"]
-  stopping = serve.Engine(engine.model, engine.mesh, eos_ids=[reference[3]], decode_chunk=4)
+  stopping = Engine(engine.model, engine.mesh, eos_ids=[reference[3]], decode_chunk=4)
   result = stopping.generate(batch[:1])[batch[0].line]
   assert result["finish_reason"] == "stop"
   assert result["tokens"] == reference[:reference.index(reference[3])]

@@ -145,20 +145,17 @@ def test_a_non_finite_step_is_not_applied(single_device_mesh):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
 
-  import train
   from configs import base
-  from model import transformer
   from model.config import ModelConfig
+  from parallel import sharding
+  from training import state as state_lib, steps as steps_lib
 
   config = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64)
-  graphdef, params = nnx.split(transformer.create(config, single_device_mesh, seed=0))
-  params = nnx.to_pure_dict(params)
-  tx, _ = train.make_optimizer(base.get_config().train, params)
-  opt_state = jax.jit(tx.init)(params)
-  shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-  train_step, _ = train.make_steps(graphdef, tx, 1, shardings)
+  state = state_lib.init_state(config, base.get_config().train, single_device_mesh, seed=0)
+  params, opt_state = state.params, state.opt_state
+  train_step, _ = steps_lib.make_steps(state.graphdef, state.tx, 1, state.shardings)
+  counters = steps_lib.new_counters(single_device_mesh)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 64, (2, 16)).astype(np.int32)
   batch = {"inputs": tokens, "targets": np.roll(tokens, -1, 1),
@@ -166,14 +163,18 @@ def test_a_non_finite_step_is_not_applied(single_device_mesh):
            "segment_ids": np.ones((2, 16), np.int32)}
   bad = dict(batch, targets=batch["targets"].copy())
   bad["targets"][0, 3] = 64  # outside the vocabulary: the loss is NaN
+  put = lambda rows: sharding.put_batch(rows, single_device_mesh)
   before = jax.tree.map(np.asarray, (params, opt_state))
-  params, opt_state, stats = train_step(params, opt_state, bad)
-  assert not bool(stats["finite"]) and not np.isfinite(float(stats["loss"]))
+  for bad_in_row in (1, 2):
+    params, opt_state, counters, stats = train_step(params, opt_state, counters, put(bad))
+    assert not bool(stats["finite"]) and not np.isfinite(float(stats["loss"]))
+    assert int(counters["bad_in_row"]) == bad_in_row == int(counters["skipped"])
   for old, new in zip(jax.tree.leaves(before), jax.tree.leaves((params, opt_state))):
     np.testing.assert_array_equal(old, np.asarray(new))
   for _ in range(2):  # (the first update has learning rate 0: warmup starts at 0)
-    params, opt_state, stats = train_step(params, opt_state, batch)
+    params, opt_state, counters, stats = train_step(params, opt_state, counters, put(batch))
     assert bool(stats["finite"])
+  assert int(counters["bad_in_row"]) == 0 and int(counters["skipped"]) == 2
   assert not np.array_equal(before[0]["lm_head"], np.asarray(params["lm_head"]))
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 

@@ -12,14 +12,13 @@ JSON {"first": ..., "second": ..., "copy_ratio": second / first, "length": ...}:
 """
 
 import json
-import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import cli
 from configs import base
-from configs.cli import fail
 
 FLAGS = flags.FLAGS
 
@@ -31,9 +30,9 @@ def define_flags():
   flags.DEFINE_integer("length", 100, "Tokens in the sequence that repeats.")
   flags.DEFINE_integer("rows", 8, "Rows (independent random sequences).")
   flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
-  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
+  cli.define_flags()
 
 
 FIRST_ID = 3  # sentencepiece's <unk>, <s>, </s> come first: the probe uses ids after them
@@ -66,26 +65,27 @@ def copy_losses(log_probs: np.ndarray, length: int) -> tuple[float, float]:
 
 def main(argv):
   del argv
+  named = cli.start()
   import jax
-  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  import logging
-  logging.getLogger("absl").setLevel(logging.WARNING)
 
-  from configs import inherit
+  from serving.scoring import Scorer
   from tools import evaluation
 
   if FLAGS.length < 2 or FLAGS.rows < 1:
-    fail("--length must be at least 2 and --rows at least 1")
-  named = inherit.named_fields(sys.argv)
+    cli.fail("--length must be at least 2 and --rows at least 1")
   multiple = 2 * jax.device_count()  # splits evenly on any ring
   mesh, model, _, _ = evaluation.open_checkpoint(
       FLAGS.checkpoint, FLAGS.config, named, [row_length(FLAGS.length, multiple)],
       with_tokenizer=False)
   rows = probe_rows(model.config.vocab_size, FLAGS.length, FLAGS.rows, multiple, FLAGS.seed)
-  log_probs, _ = evaluation.Scorer(model, mesh)(rows[:, :-1], rows[:, 1:])
+  log_probs, _ = Scorer(model, mesh)(rows[:, :-1], rows[:, 1:])
   first, second = copy_losses(np.asarray(log_probs, np.float64), FLAGS.length)
   print(f"loss on the first copy {first:.3f} nats/token, on the second {second:.3f} "
         f"(ratio {second / first:.3f}; 1: no copying, 0: perfect copying)")
+  cli.summary([f"copy probe of {FLAGS.checkpoint}: {FLAGS.rows} rows of {FLAGS.length} tokens "
+               "repeated once",
+               f"next: python -m tools.eval_passkey --checkpoint={FLAGS.checkpoint}   "
+               "(retrieval from the context)"])
   print(json.dumps({"first": first, "second": second, "copy_ratio": second / first,
                     "length": FLAGS.length, "rows": FLAGS.rows}))
 
@@ -93,4 +93,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["checkpoint"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -7,7 +7,7 @@ The Landmark / Position Interpolation template (data/passkey.py): filler, "The p
 key is NNNNN. Remember it. NNNNN is the pass key.", more filler, "What is the pass
 key? The pass key is". Keys come from a fixed seed. Each prompt is exactly the given
 length in tokens (the model reads the prompt and all but the last answer token).
-The serving engine (serve.Engine: prefill on the ring, KV-cache decode) generates
+The serving engine (serving/engine.py: prefill on the ring, KV-cache decode) generates
 greedily as many tokens as the key has; a trial succeeds when they are the key.
 Reports accuracy per cell and
 k_max as the PI paper defines it: the largest length such that at every length up to
@@ -18,13 +18,12 @@ stdout line is the JSON summary.
 import json
 import os
 import random
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+import cli
 from configs import base
-from configs.cli import fail
 
 FLAGS = flags.FLAGS
 
@@ -42,9 +41,9 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 8, "Prompts per forward pass.")
   flags.DEFINE_string("out", "", "JSON path (default: <run>/eval/passkey.json; the PNG "
                       "heatmap goes next to it).")
-  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
+  cli.define_flags()
 
 
 def heatmap(cells, lengths, depths, path, title):
@@ -70,30 +69,26 @@ def heatmap(cells, lengths, depths, path, title):
 
 def main(argv):
   del argv
-  import jax
-  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  import logging
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  named = cli.start()
   import numpy as np
   from tqdm import tqdm
 
-  from configs import inherit
   from data import passkey
   from model import checkpoint as ckpt_lib
-  import serve
+  from serving.engine import Engine
+  from serving.requests import Request
   from tools import evaluation
 
-  named = inherit.named_fields(sys.argv)
   try:
     lengths = sorted({int(x) for x in FLAGS.lengths})
     depths = sorted({float(x) for x in FLAGS.depths})
   except ValueError:
-    fail("--lengths takes integers and --depths numbers in [0, 1]")
+    cli.fail("--lengths takes integers and --depths numbers in [0, 1]")
   if not all(0 <= d <= 1 for d in depths):
-    fail(f"--depths={','.join(FLAGS.depths)}: depths lie in [0, 1]")
+    cli.fail(f"--depths={','.join(FLAGS.depths)}: depths lie in [0, 1]")
   mesh, model, tokenizer, _ = evaluation.open_checkpoint(FLAGS.checkpoint, FLAGS.config,
                                                          named, lengths)
-  engine = serve.Engine(model, mesh, tokenizer=tokenizer, batch_size=FLAGS.batch_size)
+  engine = Engine(model, mesh, tokenizer=tokenizer, batch_size=FLAGS.batch_size)
   rng = random.Random(FLAGS.seed)
   keys = [passkey.random_key(rng) for _ in range(FLAGS.trials)]
   cells = {}
@@ -103,9 +98,9 @@ def main(argv):
       for depth in depths:
         prompts += [(depth, *passkey.prompt_ids(tokenizer, key, length, depth)) for key in keys]
     except ValueError as error:
-      fail(str(error))
+      cli.fail(str(error))
     # Greedy generation of as many tokens as the key has, through the serving engine.
-    requests = [serve.Request(line=i, id=depth, prompt_tokens=ids[:answer_start],
+    requests = [Request(line=i, id=depth, prompt_tokens=ids[:answer_start],
                               max_tokens=len(ids) - answer_start)
                 for i, (depth, ids, answer_start) in enumerate(prompts)]
     results = engine.generate(requests)
@@ -132,11 +127,13 @@ def main(argv):
     json.dump(summary, f, indent=2)
   heatmap(cells, lengths, depths, os.path.splitext(out)[0] + ".png",
           f"passkey retrieval, k_max={summary['k_max']}")
-  print(f"wrote {out} and {os.path.splitext(out)[0]}.png")
+  cli.summary([f"wrote {out} and {os.path.splitext(out)[0]}.png",
+               f"next: python -m tools.copy_probe --checkpoint={FLAGS.checkpoint}   (can it "
+               "copy from its context at all?)"])
   print(json.dumps({"k_max": summary["k_max"], "accuracy_by_length": summary["accuracy_by_length"]}))
 
 
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["checkpoint"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -17,13 +17,12 @@ Prints a table; the last stdout line is JSON {"results": [{"seq_len", "ppl",
 import json
 import math
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+import cli
 from configs import base
-from configs.cli import fail
 
 FLAGS = flags.FLAGS
 
@@ -39,9 +38,9 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
   flags.DEFINE_string("plot", "", "PNG path (default: <run>/eval/ppl.png).")
   flags.DEFINE_string("label", "", "Curve label in the plot (default: the checkpoint).")
-  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
+  cli.define_flags()
 
 
 def windows(length_of_doc: int, seq_len: int, stride: int):
@@ -96,30 +95,26 @@ def plot(results, path, label):
 
 def main(argv):
   del argv
-  import jax
-  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  import logging
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  named = cli.start()
   from tqdm import tqdm
 
-  from configs import inherit
   from data import pipeline
   from model import checkpoint as ckpt_lib
+  from serving.scoring import Scorer
   from tools import evaluation
 
-  named = inherit.named_fields(sys.argv)
   config = FLAGS.config
   try:
     lengths = sorted({int(value) for value in FLAGS.seq_len})
   except ValueError:
-    fail(f"--seq_len={','.join(FLAGS.seq_len)}: give integers, e.g. 256,1024")
+    cli.fail(f"--seq_len={','.join(FLAGS.seq_len)}: give integers, e.g. 256,1024")
   mesh, model, tokenizer, files = evaluation.open_checkpoint(FLAGS.checkpoint, config, named,
                                                              lengths)
   try:
     documents = pipeline.load_documents(pipeline.corpus_files(
         [p for p in files.split(",") if p.strip()]))
   except (FileNotFoundError, ValueError) as error:
-    fail(str(error))
+    cli.fail(str(error))
   _, validation = pipeline.split(documents)
   eos = tokenizer.eos_id()
   chosen, tokens = [], 0
@@ -129,9 +124,9 @@ def main(argv):
       chosen.append(ids)
       tokens += len(ids) - 1
   if not chosen:
-    fail(f"no held-out document is longer than {max(lengths)} tokens; use shorter --seq_len "
+    cli.fail(f"no held-out document is longer than {max(lengths)} tokens; use shorter --seq_len "
          "or --config.data.files with longer documents")
-  scorer = evaluation.Scorer(model, mesh)
+  scorer = Scorer(model, mesh)
   results = []
   for seq_len in tqdm(lengths, desc="eval_ppl", disable=None):
     ppl, count = perplexity(scorer, chosen, seq_len, min(FLAGS.stride, seq_len), FLAGS.batch_size)
@@ -142,11 +137,14 @@ def main(argv):
   step_dir = ckpt_lib.find_step_dir(FLAGS.checkpoint)
   path = FLAGS.plot or os.path.join(ckpt_lib.run_dir(step_dir), "eval", "ppl.png")
   plot(results, path, FLAGS.label or FLAGS.checkpoint)
-  print(f"plot: {path}")
+  cli.summary([f"plot: {path}",
+               f"next: the same with --config.model.rope.scaling.type=yarn (or linear, ntk) "
+               "to compare RoPE scalings; python -m tools.eval_passkey "
+               f"--checkpoint={FLAGS.checkpoint} for retrieval"])
   print(json.dumps({"results": results}))
 
 
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["checkpoint"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

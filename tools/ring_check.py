@@ -19,9 +19,15 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "ringlm config file.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 16384, "Tokens in the one row (all devices on the ring).")
+import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "ringlm config file.")
+  flags.DEFINE_integer("seq_len", 16384, "Tokens in the one row (all devices on the ring).")
+  cli.define_flags()
 
 
 def stdlib_bytes(count: int):
@@ -39,25 +45,26 @@ def stdlib_bytes(count: int):
 
 def main(argv):
   del argv
+  cli.start()
   import jax
-  jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
-  import jax.numpy as jnp
   import numpy as np
   from flax import nnx
 
+  from core.errors import ConfigError
   from model import transformer
-  from model.config import AttentionConfig, ConfigError, ModelConfig
+  from model.config import AttentionConfig, ModelConfig
+  from model.loss import target_log_probs
   from parallel import layout, mesh as mesh_lib
 
-  config = _CONFIG.value
+  config = FLAGS.config
   try:
     model_config = ModelConfig.from_dict(config.model.to_dict())
     attention = AttentionConfig(**config.attention.to_dict())
     mesh = mesh_lib.make_mesh({"sequence": -1})
-    seq_len, batch = _SEQ_LEN.value, 1
+    seq_len, batch = FLAGS.seq_len, 1
     mesh_lib.validate(model_config, mesh, seq_len=seq_len, batch_size=batch)
   except ConfigError as error:
-    sys.exit(f"config error: {error}")
+    cli.fail(str(error))
 
   text = stdlib_bytes(batch * (seq_len + 1)).reshape(batch, seq_len + 1)
   tokens, targets = text[:, :-1], text[:, 1:]
@@ -65,9 +72,7 @@ def main(argv):
 
   def loss_fn(model, tokens, positions, targets):
     logits = model(tokens, positions)
-    log_probs = jax.nn.log_softmax(logits)
-    loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).mean()
-    return loss, logits
+    return -target_log_probs(logits, targets).mean(), logits
 
   @nnx.jit
   def step(model, tokens, positions, targets):
@@ -126,4 +131,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -3,15 +3,11 @@
 A model extended, evaluated or served from a checkpoint keeps the checkpoint's shape,
 data files and tokenizer; the caller's config decides only what it sets: fields named
 on the command line, or set by its config file to something other than
-configs/base.py's default.
+the default (configs/base.py, whose model section is model/config.py's defaults).
 """
 
-from model.config import ConfigError, ModelConfig
-
-
-def named_fields(argv) -> set[str]:
-  """Config fields set on the command line: {"data.seq_len", ...}."""
-  return {arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")}
+from core.errors import ConfigError
+from model.config import ModelConfig
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -1,0 +1,49 @@
+"""A model and its tokenizer from a checkpoint: a training run, an extended run or a
+converted Hugging Face model, with the overrides a command line named."""
+
+import os
+
+from data import tokenizer as tokenizer_lib
+from model import checkpoint as ckpt_lib, inherit, transformer
+from model.config import AttentionConfig, RopeConfig, RopeScaling
+
+
+def end_of_sequence_ids(saved: dict) -> list[int]:
+  """A converted Hugging Face model's eos_token_id(s) from its saved config ([] if none)."""
+  eos = (saved.get("hf") or {}).get("eos_token_id")
+  return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+
+
+def load_tokenizer(step_dir: str, saved: dict, required: bool = True):
+  """The tokenizer stored with a checkpoint's run (its assets), or None when it has none
+  and `required` is False. Its end-of-sequence id comes from a converted model's config."""
+  assets = os.path.join(ckpt_lib.run_dir(step_dir), "assets")
+  eos_ids = end_of_sequence_ids(saved)
+  try:
+    return tokenizer_lib.load(assets, eos_ids[0] if eos_ids else None)
+  except FileNotFoundError:
+    if required:
+      raise
+    return None
+
+
+def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int,
+               abstract: bool = False):
+  """(model, saved run config, data.files): the model of `checkpoint` on `mesh`, with
+  the overrides the command line named (model/inherit.py), extended (if asked) to
+  `seq_len` tokens. `config` is a full ringlm config (configs/base.py's fields).
+  `abstract`: parameters as shapes and shardings only (transformer.abstract)."""
+  step_dir, meta = ckpt_lib.load_meta(checkpoint)
+  saved = meta["config"]
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.init_from = checkpoint
+    config.data.seq_len = seq_len
+  model_dict, files = inherit.extension_settings(config, saved, named)
+  overrides = {key: value for key, value in model_dict.items()
+               if key not in inherit.SHAPE_FIELDS}
+  rope = overrides.pop("rope")
+  overrides["rope"] = RopeConfig(theta=rope["theta"], scaling=RopeScaling(**rope["scaling"]))
+  build = transformer.abstract if abstract else transformer.load
+  model = build(step_dir, mesh, AttentionConfig(**config.attention.to_dict()), **overrides)[0]
+  return model, saved, files

@@ -1,0 +1,127 @@
+"""Requests: one JSON object per request, parsed and checked, or a RequestError that says
+what is wrong. The batch command line (serve.py) and any other front end share these
+checks, so a bad request gets the same message everywhere.
+
+  {"id": 7, "prompt": "def fib(n):", "max_tokens": 64, "temperature": 0, "top_k": 0,
+   "top_p": 1.0, "stop": ["\\n\\n"], "seed": 0, "logprobs": false}
+
+(`prompt_tokens`: [ids] instead of `prompt`.)
+"""
+
+import dataclasses
+import json
+import math
+
+REQUEST_FIELDS = {"id", "prompt", "prompt_tokens", "max_tokens", "temperature", "top_k",
+                  "top_p", "stop", "seed", "logprobs"}
+
+
+class RequestError(ValueError):
+  """A request line that cannot be served; the message says what is wrong."""
+
+
+@dataclasses.dataclass
+class Request:
+  line: int                 # 1-based line number in the input file
+  id: object                # the request's `id`, echoed back
+  prompt_tokens: list       # token ids
+  max_tokens: int
+  temperature: float = 0.0  # 0: greedy
+  top_k: int = 0            # 0: no limit
+  top_p: float = 1.0
+  stop: tuple = ()
+  seed: int = 0
+  logprobs: bool = False
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_request(line: int, raw: bytes, *, tokenizer, vocab_size: int, max_context: int,
+                  default_max_tokens: int, default_seed: int) -> Request:
+  """A Request from one input line, or RequestError naming what is wrong."""
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise RequestError(f"the line is not UTF-8 (byte {error.start})") from None
+  if not text.strip():
+    raise RequestError("empty line")
+  try:
+    fields = json.loads(text)
+  except json.JSONDecodeError as error:
+    raise RequestError(f"invalid JSON: {error}") from None
+  if not isinstance(fields, dict):
+    raise RequestError("a request is a JSON object")
+  request_id = fields.get("id")
+  unknown = sorted(set(fields) - REQUEST_FIELDS)
+  if unknown:
+    raise RequestError(f"unknown field(s) {', '.join(unknown)}; known: "
+                       f"{', '.join(sorted(REQUEST_FIELDS))}")
+  if ("prompt" in fields) == ("prompt_tokens" in fields):
+    raise RequestError("give exactly one of `prompt` (text) and `prompt_tokens` (ids)")
+  if "prompt" in fields:
+    prompt = fields["prompt"]
+    if not isinstance(prompt, str):
+      raise RequestError("`prompt` must be a string")
+    if tokenizer is None:
+      raise RequestError("this checkpoint has no tokenizer: send `prompt_tokens`")
+    tokens = list(tokenizer.encode(prompt))
+  else:
+    tokens = fields["prompt_tokens"]
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+      raise RequestError("`prompt_tokens` must be a list of integers")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+      raise RequestError(f"`prompt_tokens` holds id {bad[0]} outside the vocabulary "
+                         f"[0, {vocab_size})")
+  if not tokens:
+    raise RequestError("the prompt is empty")
+
+  max_tokens = fields.get("max_tokens", default_max_tokens)
+  if not _is_int(max_tokens) or max_tokens < 1:
+    raise RequestError(f"`max_tokens` must be a positive integer, got {max_tokens!r}")
+  if len(tokens) + max_tokens > max_context:
+    raise RequestError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                       f"model's context of {max_context} tokens (model.max_seq_len)")
+  temperature = fields.get("temperature", 0.0)
+  if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+    raise RequestError(f"`temperature` must be a finite number >= 0, got {temperature!r}")
+  top_k = fields.get("top_k", 0)
+  if not _is_int(top_k) or top_k < -1:
+    raise RequestError(f"`top_k` must be an integer >= 0 (0 or -1: no limit), got {top_k!r}")
+  top_p = fields.get("top_p", 1.0)
+  if not _is_number(top_p) or not 0 < top_p <= 1:  # NaN fails both comparisons
+    raise RequestError(f"`top_p` must be in (0, 1], got {top_p!r}")
+  stop = fields.get("stop", [])
+  stop = [stop] if isinstance(stop, str) else stop
+  if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+    raise RequestError("`stop` must be a list of non-empty strings")
+  if stop and tokenizer is None:
+    raise RequestError("`stop` needs a tokenizer, and this checkpoint has none")
+  seed = fields.get("seed", default_seed)
+  if not _is_int(seed):
+    raise RequestError(f"`seed` must be an integer, got {seed!r}")
+  logprobs = fields.get("logprobs", False)
+  if not isinstance(logprobs, bool):
+    raise RequestError(f"`logprobs` must be true or false, got {logprobs!r}")
+  return Request(line=line, id=request_id, prompt_tokens=tokens, max_tokens=max_tokens,
+                 temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p),
+                 stop=tuple(stop), seed=seed % 2 ** 32, logprobs=logprobs)
+
+
+def error_record(line: int, request_id, message: str) -> dict:
+  return {"line": line, "id": request_id, "finish_reason": "error", "error": message}
+
+
+def request_id(raw: bytes):
+  """The `id` of a line that failed to parse, when it has one."""
+  try:
+    fields = json.loads(raw)
+  except (ValueError, UnicodeDecodeError):
+    return None
+  return fields.get("id") if isinstance(fields, dict) else None
