@@ -1,7 +1,9 @@
-"""Every benchmark in one command, one JSON and one table (`make bench`).
+"""Every benchmark in one command, one JSON and one set of tables (`make bench`).
 
   python -m bench.all            # attention, training, decoding, memory (~25 min on 2 cores)
   python -m bench.all --quick    # the same code at smoke sizes (~3 min; tests/test_bench.py)
+  python -m bench.all --render=bench/results/2026-11-26-vm.json   # no runs: rewrite the
+                                 # docs and README tables from an earlier run's JSON
 
 Runs, each as its own process (its output streams to the console):
   bench.attention  causal fwd+bwd at 8K/16K/32K on 8 devices: ringlm vs the
@@ -10,8 +12,10 @@ Runs, each as its own process (its output streams to the console):
   bench.decode     serve.py vs transformers generate end to end; a 16K-token prefill
   bench.memory     peak memory of a `tiny` training step at 2K-64K tokens: ring vs full
 Then writes bench/results/<date>-<machine>.json (every benchmark's JSON under its
-name, plus the summary rows) and .md (the machine and the table), and, unless
---quick, puts that table into README.md between its "bench:begin/end" markers.
+name, plus the summary rows) and .md (the machine and the summary table), and, unless
+--quick, rewrites two marked blocks ("bench:begin/end"): in docs/benchmarks.md the
+summary table and every benchmark's full table; in README.md a short table, one row
+per benchmark, that links to docs/benchmarks.md.
 Ratios compare against the peer measured in the same run; "% of peak" is of the
 matmul peak each benchmark measured in its own process.
 """
@@ -20,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,6 +32,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+README = os.path.join(ROOT, "README.md")
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")  # the full tables
 
 FULL = {
     "attention": ["--lengths=8192,16384,32768", "--shapes=8x64", "--repeats=2"],
@@ -39,6 +46,13 @@ QUICK = {
     "train": ["--quick"],
     "decode": ["--quick"],
     "memory": ["--quick"],
+}
+# The heading of each benchmark's own table in docs/benchmarks.md.
+TITLES = {
+    "attention": "Attention forward + backward (`python -m bench.attention`)",
+    "train": "Training step of `tiny` (`python -m bench.train`)",
+    "decode": "Batch decoding and a long prefill against transformers (`python -m bench.decode`)",
+    "memory": "Memory of a training step against context (`python -m bench.memory`)",
 }
 
 
@@ -134,13 +148,32 @@ def summary_rows(results: dict) -> list:
   return rows
 
 
-def format_markdown(results: dict, rows: list) -> str:
+def _machine_line(results: dict) -> str:
   machine = results["attention"]["machine"]
   peaks = ", ".join(f"{name} {results[name]['matmul']['peak_flops'] / 1e9:.0f}"
                     for name in ("attention", "train", "decode") if "matmul" in results[name])
-  lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} "
-           f"({machine['backend']}). Matmul peak measured in each benchmark's process "
-           f"(GFLOP/s): {peaks}.", "",
+  return (f"Machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} "
+          f"({machine['backend']}). Matmul peak measured in each benchmark's process "
+          f"(GFLOP/s): {peaks}.")
+
+
+def _memory_verdict(results: dict) -> str:
+  """One sentence on how the ring's peak RSS grows with context ("" if too few lengths)."""
+  from bench.memory import linearity
+  growth = results["memory"]["growth"]
+  verdict = linearity(growth)
+  if verdict["slope_ratio"] is None:
+    return ""
+  steps = "; ".join(f"{g['from']}->{g['to']}: {g['bytes_per_token'] / 1024:.0f} KiB"
+                    for g in growth)
+  return (f"Ring peak RSS added per token ({steps}): the last doubling adds "
+          f"{verdict['slope_ratio']:.2f}x the first's per token (linear: 1x; a quadratic "
+          f"term: 2x per doubling) - {'linear' if verdict['linear'] else 'NOT linear'}.")
+
+
+def format_markdown(results: dict, rows: list) -> str:
+  """The machine, the summary table (every row of `summary_rows`), the memory verdict."""
+  lines = [_machine_line(results), "",
            "| benchmark | case | ringlm | peer | peer / ringlm | ringlm % of peak | memory |",
            "|---|---|---|---|---|---|---|"]
   for row in rows:
@@ -148,46 +181,174 @@ def format_markdown(results: dict, rows: list) -> str:
     percent = f"{row['percent_of_peak']:.0f}%" if row["percent_of_peak"] is not None else ""
     lines.append(f"| {row['benchmark']} | {row['case']} | {row['ringlm']} | {row['peer']} | "
                  f"{ratio} | {percent} | {row['memory']} |")
-  from bench.memory import linearity
-  growth = results["memory"]["growth"]
-  verdict = linearity(growth)
-  steps = "; ".join(f"{g['from']}->{g['to']}: {g['bytes_per_token'] / 1024:.0f} KiB"
-                    for g in growth)
-  if verdict["slope_ratio"] is not None:
-    lines += ["", f"Ring peak RSS added per token ({steps}): the last doubling adds "
-                  f"{verdict['slope_ratio']:.2f}x the first's per token (linear: 1x; a quadratic "
-                  f"term: 2x per doubling) - {'linear' if verdict['linear'] else 'NOT linear'}."]
+  verdict = _memory_verdict(results)
+  if verdict:
+    lines += ["", verdict]
   return "\n".join(lines)
 
 
-def update_readme(table: str, json_path: str) -> bool:
-  path = os.path.join(ROOT, "README.md")
+def headline_rows(results: dict) -> list:
+  """One row per benchmark, already formatted: what the README shows."""
+  rows = []
+  attention = results["attention"]["rows"]
+  both = [length for length in {r["seq_len"] for r in attention}
+          if {"ringlm", "ringattention"} <= {r["impl"] for r in attention if r["seq_len"] == length}]
+  if both:
+    length = max(both)
+    case = {r["impl"]: r for r in attention if r["seq_len"] == length}
+    ours, peer = case["ringlm"], case["ringattention"]
+    rows.append({
+        "benchmark": "attention fwd+bwd (causal)",
+        "case": f"{length} tokens, {ours['heads']} heads x {ours['head_dim']}, ring of "
+                f"{ours.get('devices', 8)} devices",
+        "ringlm": f"{ours['median_s']:.2f} s", "peer": f"`ringattention` {peer['median_s']:.2f} s",
+        "ratio": f"{peer['median_s'] / ours['median_s']:.2f}x",
+        "peak": f"{ours['percent_of_peak']:.0f}%"})
+  train = results["train"]["rows"]
+  if train:
+    mesh = train[0]["mesh"]
+    mesh_text = (" x ".join(f"{axis} {size}" for axis, size in mesh.items() if size > 1)
+                 if isinstance(mesh, dict) else str(mesh))
+    rows.append({
+        "benchmark": "training step, `tiny`",
+        "case": "seq_len " + ", ".join(f"{r['seq_len']} ({r['batch_size']} rows)" for r in train)
+                + f"; {mesh_text}",
+        "ringlm": " / ".join(f"{r['tokens_per_s']:.0f}" for r in train) + " tok/s", "peer": "",
+        "ratio": "", "peak": "MFU " + " / ".join(f"{100 * r['mfu']:.0f}%" for r in train)})
+  decode = results["decode"]
+  runs, args = decode["decode"]["runs"], decode["args"]
+  hf, warm, cold = runs["transformers"], runs["ringlm_warm"], runs["ringlm_cold"]
+  same = all(decode["decode"]["tokens"][name]["match"] for name in ("ringlm_warm", "ringlm_cold"))
+  rows.append({
+      "benchmark": "batch decode, end to end",
+      "case": f"{args['prompts']} prompts x {args['prompt_len']} -> {args['new_tokens']} tokens, "
+              f"greedy, 1 device; tokens {'identical' if same else 'DIFFER'}",
+      "ringlm": f"{warm['end_to_end_s']:.2f} s warm, {cold['end_to_end_s']:.2f} s cold",
+      "peer": f"transformers `generate` {hf['end_to_end_s']:.2f} s",
+      "ratio": f"{hf['end_to_end_s'] / warm['end_to_end_s']:.2f}x warm, "
+               f"{hf['end_to_end_s'] / cold['end_to_end_s']:.2f}x cold",
+      "peak": f"{warm['decode_percent_of_peak']:.0f}%"})
+  if "long" in decode:
+    long = decode["long"]["rows"]
+    ours, peer = long["ringlm"], long.get("transformers", {})
+    rows.append({
+        "benchmark": "prefill", "case": f"one {decode['long']['prompt_len']}-token prompt, "
+                                        "ring of 8 devices",
+        "ringlm": f"{ours['prefill_s']:.2f} s",
+        "peer": f"transformers (SDPA) {peer['prefill_s']:.2f} s" if "prefill_s" in peer else "",
+        "ratio": f"{peer['prefill_s'] / ours['prefill_s']:.2f}x" if "prefill_s" in peer else "",
+        "peak": f"{ours['prefill_percent_of_peak']:.0f}%"})
+  memory = results["memory"]["rows"]
+  ring = {r["length"]: r for r in memory if r["attention"] == "ring" and "peak_rss_bytes" in r}
+  full = {r["length"]: r for r in memory if r["attention"] == "full"}
+  if ring:
+    longest = max(ring)
+    ran = [n for n in ring if "peak_rss_bytes" in full.get(n, {})]
+    peer = []
+    if ran:
+      n = max(ran)
+      peer.append(f"{_gib(full[n]['peak_rss_bytes'])} at {n}")
+    if "planned_bytes" in full.get(longest, {}) and longest not in ran:
+      peer.append(f"XLA would plan {_gib(full[longest]['planned_bytes'])} at {longest}")
+    verdict = _memory_verdict(results)
+    linear = (" (grows linearly)" if verdict.endswith("- linear.") else
+              " (NOT linear)" if verdict else "")
+    rows.append({
+        "benchmark": "memory of a training step, `tiny`",
+        "case": f"{min(r['length'] for r in memory)}-{longest} tokens; peak RSS",
+        "ringlm": f"{_gib(ring[longest]['peak_rss_bytes'])} at {longest}{linear}",
+        "peer": "full attention, 1 device: " + "; ".join(peer),
+        "ratio": (f"{full[n]['peak_rss_bytes'] / ring[n]['peak_rss_bytes']:.2f}x at {n}"
+                  if ran else ""), "peak": ""})
+  return rows
+
+
+def format_headline(results: dict, date: str, json_path: str) -> str:
+  """The README's block: one row per benchmark and where the full tables are."""
+  machine = results["attention"]["machine"]
+  lines = ["| benchmark | case | ringlm | peer | peer / ringlm | ringlm % of peak |",
+           "|---|---|---|---|---|---|"]
+  for row in headline_rows(results):
+    lines.append(f"| {row['benchmark']} | {row['case']} | {row['ringlm']} | {row['peer']} | "
+                 f"{row['ratio']} | {row['peak']} |")
+  lines += ["", f"Run of {date} on {machine['cpu']}, {machine['cores']} cores, jax "
+                f"{machine['jax']}: `make bench`, JSON `{_rel(json_path, ROOT)}`. Every case, "
+                "every benchmark's full table and how to read them: "
+                "[docs/benchmarks.md](docs/benchmarks.md)."]
+  return "\n".join(lines)
+
+
+def _paragraphs(text: str) -> str:
+  """A benchmark's printed table as markdown: each line of prose its own paragraph, one
+  blank line between blocks."""
+  prose = lambda line: not line.lstrip().startswith("|")
+  out = []
+  for line in text.strip().splitlines():
+    if not line.strip():
+      if out and out[-1]:
+        out.append("")
+      continue
+    if out and out[-1] and (prose(line) or prose(out[-1])):
+      out.append("")
+    out.append(line)
+  return "\n".join(out)
+
+
+def format_full(results: dict, summary: str, date: str, json_path: str) -> str:
+  """docs/benchmarks.md's block: the summary table, then every benchmark's own table."""
+  lines = [f"Run of {date} (`make bench`; JSON: `{_rel(json_path, ROOT)}`).", "", summary]
+  for name in ("attention", "train", "decode", "memory"):
+    table = results.get(name, {}).get("table")
+    if table:
+      lines += ["", f"### {TITLES[name]}", "", _paragraphs(table)]
+    if name == "memory":
+      plot = os.path.splitext(json_path)[0] + "-memory.png"
+      if os.path.exists(plot):
+        lines += ["", f"![memory of a training step against context]"
+                      f"({_rel(plot, os.path.dirname(DOCS))})"]
+  return "\n".join(lines)
+
+
+def _rel(path: str, start: str) -> str:
+  return os.path.relpath(os.path.abspath(path), start).replace(os.sep, "/")
+
+
+def update_marked(path: str, body: str) -> bool:
+  """Replaces what lies between the bench markers of `path`; False if it has none."""
+  if not os.path.exists(path):
+    return False
   with open(path) as f:
     text = f.read()
   if README_BEGIN not in text or README_END not in text:
     return False
   head, rest = text.split(README_BEGIN, 1)
   _, tail = rest.split(README_END, 1)
-  stem = os.path.splitext(os.path.relpath(json_path, ROOT))[0]
-  body = (f"\n{table}\n\n![memory of a training step vs context]({stem}-memory.png)\n\n"
-          f"(`make bench`; JSON: `{stem}.json`)\n")
   with open(path, "w") as f:
-    f.write(head + README_BEGIN + body + README_END + tail)
+    f.write(head + README_BEGIN + "\n" + body + "\n" + README_END + tail)
   return True
+
+
+def _date(json_path: str, saved: dict | None = None) -> str:
+  """The run's date: stored in its JSON, else the date its file name starts with, else today."""
+  if saved and saved.get("date"):
+    return saved["date"]
+  match = re.match(r"\d{4}-\d{2}-\d{2}", os.path.basename(json_path))
+  return match.group(0) if match else datetime.date.today().isoformat()
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="smoke sizes, no README update")
+  parser.add_argument("--quick", action="store_true", help="smoke sizes, no docs/README update")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
   parser.add_argument("--render", default=None, metavar="JSON",
-                      help="no runs: rebuild the table (and README) from this earlier JSON")
+                      help="no runs: rewrite docs/benchmarks.md and the README table from this "
+                           "earlier run's JSON (which is left as it is)")
   args = parser.parse_args(argv)
   if args.render:
     with open(args.render) as f:
       saved = json.load(f)
-    args.quick, args.out, results = saved["quick"], args.render, saved["results"]
-    return _report(results, args)
+    return _report(saved["results"], args.render, quick=saved["quick"],
+                   date=_date(args.render, saved), write_results=False)
   stamp = datetime.date.today().isoformat()
   out = args.out or os.path.join(ROOT, "bench", "results", f"{stamp}-{socket.gethostname()}"
                                  f"{'-quick' if args.quick else ''}.json")
@@ -195,25 +356,33 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as directory:
     results = run_benchmarks(QUICK if args.quick else FULL, directory,
                              os.path.splitext(out)[0] + "-memory.png")
-  args.out = out
-  return _report(results, args)
+  return _report(results, out, quick=args.quick, date=stamp, write_results=True)
 
 
-def _report(results: dict, args) -> int:
-  """Summary rows, table, JSON + markdown next to args.out, README (unless quick)."""
-  out = args.out
+def _report(results: dict, out: str, *, quick: bool, date: str, write_results: bool) -> int:
+  """Summary rows and table; the JSON + markdown next to `out` (a fresh run); unless
+  quick, the full tables into docs/benchmarks.md and one row per benchmark into README."""
   rows = summary_rows(results)
   table = format_markdown(results, rows)
   print("\n" + table)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"benchmark": "all", "quick": args.quick, "rows": rows, "table": table,
-               "results": results}, f, indent=2)
-  with open(os.path.splitext(out)[0] + ".md", "w") as f:
-    f.write(table + "\n")
-  print(f"wrote {out} and {os.path.splitext(out)[0]}.md")
-  if not args.quick and update_readme(table, out):
-    print("updated README.md (Performance)")
+  if write_results:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump({"benchmark": "all", "quick": quick, "date": date, "rows": rows, "table": table,
+                 "results": results}, f, indent=2)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+      f.write(table + "\n")
+    print(f"wrote {out} and {os.path.splitext(out)[0]}.md")
+  if quick:
+    return 0
+  if update_marked(DOCS, format_full(results, table, date, out)):
+    print(f"updated {_rel(DOCS, ROOT)} (every table)")
+  else:
+    print(f"{_rel(DOCS, ROOT)} has no bench markers; not updated")
+  if update_marked(README, format_headline(results, date, out)):
+    print("updated README.md (Performance: one row per benchmark)")
+  else:
+    print("README.md has no bench markers; not updated")
   return 0
 
 
