@@ -15,9 +15,11 @@ prepared while the step before runs: training/prefetch.py) -> the jit-compiled s
 checkpoint is and what to run next.
 """
 
+import contextlib
 import json
 import os
 import signal
+import sys
 import time
 
 from absl import app, flags
@@ -90,13 +92,18 @@ def train(config, workdir: str, named: set[str]) -> dict:
       raise ConfigError(f"data.passkey_fraction={config.data.passkey_fraction} must be in "
                         "[0, 1): the share of the training documents that are passkey documents")
     files = pipeline.corpus_files([p for p in data_files.split(",") if p.strip()])
-    documents = pipeline.load_documents(files)
+    skipped_lines = []
+    documents = pipeline.load_documents(files, config.data.bad_lines, skipped_lines)
   except FileNotFoundError as error:
     cli.fail(f"init_from: {error}" if config.init_from and init_dir is None else str(error))
   except (ConfigError, ValueError) as error:
     cli.fail(str(error))
   check_workdir(workdir, model_config.to_dict())
   os.makedirs(workdir, exist_ok=True)
+  if skipped_lines and lead:
+    shown = "; ".join(skipped_lines[:3]) + ("; ..." if len(skipped_lines) > 3 else "")
+    print(f"warning: skipped {len(skipped_lines)} bad corpus line(s) (data.bad_lines=skip): "
+          f"{shown}", file=sys.stderr, flush=True)
 
   # Tokenizer: process 0 trains (or finds) it; the others wait and load it.
   # Extending a model: its own tokenizer, copied into this run's assets.
@@ -144,7 +151,17 @@ def train(config, workdir: str, named: set[str]) -> dict:
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.checkpoint.keep)
   start_step = 0
-  restored = checkpointer.restore_latest(*state.abstract(), train_iter)
+  try:
+    restored = checkpointer.restore_latest(*state.abstract(), train_iter)
+  except ckpt_lib.DamagedCheckpoints as error:
+    if not config.checkpoint.fresh_start_if_damaged:
+      checkpointer.close()
+      cli.fail(f"{error}. To train this run again from step 0, re-run with "
+               "--config.checkpoint.fresh_start_if_damaged=True")
+    print(f"warning: {error}; starting again from step 0 "
+          "(checkpoint.fresh_start_if_damaged=True)", file=sys.stderr, flush=True)
+    restored = None
+    train_iter = pipeline.Batches(train_docs, tokenizer, seed=config.seed, **data_options)
   if restored:
     start_step, params, opt_state, _ = restored
     if lead:
@@ -235,7 +252,8 @@ def train(config, workdir: str, named: set[str]) -> dict:
         record = {"step": step, "loss": float(stats["loss"]),
                   "learning_rate": float(state.schedule(step - 1)),
                   "grad_norm": float(stats["grad_norm"]),
-                  "skipped_steps": int(counters["skipped"]), "includes_compile": first,
+                  "skipped_steps": int(counters["skipped"]),
+                  "skipped_corpus_lines": len(skipped_lines), "includes_compile": first,
                   "tokens_per_sec": tokens / step_time, "step_time_s": step_time,
                   "tflops_per_device": flops_per_token * tokens / step_time / mesh.devices.size
                   / 1e12}
@@ -266,6 +284,7 @@ def train(config, workdir: str, named: set[str]) -> dict:
       print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, re-run to "
             "resume", flush=True)
     return {"step": step, "stopped_by_signal": stop["signal"] is not None,
+            "skipped_corpus_lines": len(skipped_lines),
             "loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
             "eval_ppl": last.get("eval_ppl"),
             "checkpoint": os.path.join(checkpointer.directory, str(step))}
@@ -287,10 +306,37 @@ def main(argv):
   except (OSError, AttributeError, ValueError) as error:
     cli.fail(f"--config: {error}")
   named = cli.start()  # (absl has consumed the flags from argv; start reads sys.argv)
-  if not config.get("stages"):
-    report(train(config, workdir, named), workdir)
-    return
-  # A progressive schedule: stage i trains in <workdir>/stage-i from stage i-1's result.
+  with workdir_lock(workdir):
+    if not config.get("stages"):
+      report(train(config, workdir, named), workdir)
+    else:
+      train_stages(config, workdir, named)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """One run per workdir (training/lock.py): a second one stops at once, naming the first."""
+  import jax
+
+  from training.lock import WorkdirBusy, WorkdirLock
+  os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir, jax.process_index())
+  try:
+    dead_holder = lock.acquire()
+  except WorkdirBusy as error:
+    cli.fail(str(error))
+  if dead_holder:
+    print(f"note: took over the workdir lock of process {dead_holder.get('pid')} on "
+          f"{dead_holder.get('host')}, which is gone", file=sys.stderr, flush=True)
+  try:
+    yield
+  finally:
+    lock.release()
+
+
+def train_stages(config, workdir: str, named: set[str]):
+  """A progressive schedule: stage i trains in <workdir>/stage-i from stage i-1's result;
+  finished stages are skipped, so re-running continues where a run stopped."""
   result = None
   for index, overrides in enumerate(config.stages):
     stage_dir = os.path.join(workdir, f"stage-{index}")
@@ -315,6 +361,8 @@ def report(result: dict, workdir: str):
   figures = [f"loss {result['loss']:.3f}" if result["loss"] is not None else "",
              f"validation loss {result['eval_loss']:.3f} (perplexity {result['eval_ppl']:.1f})"
              if result["eval_loss"] is not None else ""]
+  if result["skipped_corpus_lines"]:
+    figures.append(f"{result['skipped_corpus_lines']} bad corpus lines skipped")
   cli.summary([
       f"trained to step {result['step']}: {', '.join(f for f in figures if f)}",
       f"checkpoint: {result['checkpoint']}",

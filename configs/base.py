@@ -36,6 +36,8 @@ def get_config():
   config.data.batch_size = 8         # global rows per step (all hosts together)
   config.data.packing = "concat"     # documents -> rows: concat (cut into full rows) or
                                      # first_fit (a document that fits a row stays whole)
+  config.data.bad_lines = "error"    # a .jsonl line that cannot be read: error (stop, naming
+                                     # file and line) or skip (count it, warn, go on)
   config.data.passkey_fraction = 0.0  # share of the training documents that are synthetic
                                       # passkey documents (data/passkey.py); [0, 1)
 
@@ -63,6 +65,8 @@ def get_config():
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 100      # steps between saves (also at the end and on SIGTERM)
   config.checkpoint.keep = 3         # newest checkpoints kept
+  config.checkpoint.fresh_start_if_damaged = False  # every checkpoint damaged: False stops
+                                                    # with a message, True trains from step 0
 
   # --- serving (serve.py) ---
   config.serve = ml_collections.ConfigDict()

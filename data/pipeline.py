@@ -24,7 +24,10 @@ exactly the batches it would have seen.
 Corpus: `data.files` globs (.txt/.py files are one document each; .jsonl files one
 document per line's "text" field), or by default the .py files of the running
 Python's standard library in sorted order (real text, present on every machine).
-Every `VALIDATION_EVERY`-th document is held out for validation.
+Every `VALIDATION_EVERY`-th document is held out for validation. A .jsonl line that is
+not UTF-8, not JSON, not an object or without a string "text" is named by file and
+line: an error (`data.bad_lines=error`, the default), or counted and skipped
+(`data.bad_lines=skip`).
 """
 
 import glob
@@ -36,6 +39,7 @@ import grain
 import numpy as np
 
 VALIDATION_EVERY = 50
+BAD_LINES = ("error", "skip")
 PACKINGS = ("concat", "first_fit")
 PACKING_BINS = 8  # first_fit: rows filled at a time (more bins, less padding)
 
@@ -59,16 +63,57 @@ def corpus_files(patterns) -> list[str]:
   return sorted({f for found in matches.values() for f in found})
 
 
-def read_documents(path: str) -> list[str]:
-  if path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as f:
-      return [json.loads(line)["text"] for line in f if line.strip()]
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return [f.read()]
+class CorpusError(ValueError):
+  """A corpus line that cannot be read; the message names the file, the line and why."""
 
 
-def load_documents(files) -> list[str]:
-  documents = [doc for path in files for doc in read_documents(path) if doc.strip()]
+def _jsonl_text(raw: bytes) -> str:
+  """The "text" of one .jsonl line, or CorpusError saying what is wrong with it."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise CorpusError(f"not UTF-8 (byte {error.start})") from None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as error:
+    raise CorpusError(f"invalid JSON: {error.msg.removesuffix(' at')} at column "
+                      f"{error.colno}") from None
+  if not isinstance(record, dict) or "text" not in record:
+    raise CorpusError('no "text" field (each line is an object {"text": "..."})')
+  if not isinstance(record["text"], str):
+    raise CorpusError('the "text" field is not a string')
+  return record["text"]
+
+
+def read_documents(path: str, bad_lines: str = "error", skipped: list | None = None) -> list[str]:
+  """The documents of one corpus file. A bad .jsonl line raises CorpusError naming the
+  file and line, or with bad_lines="skip" is left out and described in `skipped`."""
+  if not path.endswith(".jsonl"):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return [f.read()]
+  documents = []
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      try:
+        documents.append(_jsonl_text(raw))
+      except CorpusError as error:
+        where = f"{path}, line {number}: {error}"
+        if bad_lines != "skip":
+          raise CorpusError(f"data.files: {where}; fix the line, or set data.bad_lines=skip "
+                            "to leave such lines out") from None
+        if skipped is not None:
+          skipped.append(where)
+  return documents
+
+
+def load_documents(files, bad_lines: str = "error", skipped: list | None = None) -> list[str]:
+  """Every non-empty document of `files`; `bad_lines` and `skipped` as in read_documents."""
+  if bad_lines not in BAD_LINES:
+    raise ValueError(f"data.bad_lines={bad_lines!r}: use one of {', '.join(BAD_LINES)}")
+  documents = [doc for path in files for doc in read_documents(path, bad_lines, skipped)
+               if doc.strip()]
   if not documents:
     raise ValueError(f"data.files: the {len(files)} files hold no text")
   return documents

@@ -72,6 +72,10 @@ def load_or_train(assets_dir: str, files: list[str], documents, vocab_size: int,
                                    vocab_size=vocab_size, minloglevel=0 if verbose else 2,
                                    **SETTINGS)
   except RuntimeError as error:  # e.g. "Vocabulary size too high (512). ... <= 391."
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error))
+    if too_small:
+      raise ValueError(f"model.vocab_size={vocab_size} is less than this corpus' characters "
+                       f"and bytes need; use at least {too_small.group(1)}") from None
     limit = re.search(r"<= (\d+)", str(error))
     if limit is None:
       raise

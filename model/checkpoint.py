@@ -10,8 +10,10 @@ orbax writes each step to a temporary directory and renames it when complete, so
 killed save leaves no step behind. orbax does not notice flipped bits (a damaged data
 file can restore wrong values silently), hence the checksums: a bit-level weighted
 sum of every array, computed on device, recorded at save and verified at restore. A
-step that fails to restore or verify is skipped with a warning naming it, and the
-previous step is used.
+step that fails to restore or verify is moved aside (renamed `<step>.damaged`, kept for
+inspection) with a warning naming both places, and the previous step is used; the run
+then saves that step again as if it had never been written. When every step is
+damaged, `restore_latest` raises DamagedCheckpoints instead of starting over silently.
 """
 
 import logging
@@ -47,6 +49,34 @@ class CorruptCheckpoint(Exception):
   pass
 
 
+class DamagedCheckpoints(Exception):
+  """Every checkpoint of a run failed to restore (each was moved aside)."""
+
+
+def _everyone(ok: bool) -> bool:
+  """True when `ok` holds on every process (a step is usable only if all read it)."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def set_aside(step_dir: str) -> str:
+  """Renames a damaged step directory to `<step>.damaged` (`.damaged-2`, ... when taken),
+  on process 0 with the others waiting; returns the new path."""
+  target, number = f"{step_dir}.damaged", 1
+  while os.path.exists(target):
+    number += 1
+    target = f"{step_dir}.damaged-{number}"
+  if jax.process_index() == 0 and os.path.exists(step_dir):
+    os.rename(step_dir, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"set aside {step_dir}")
+  return target
+
+
 def _verify(restored: dict, expected: dict, step_dir: str):
   for item, tree in restored.items():
     got = checksums(tree)
@@ -76,28 +106,47 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore_latest(self, params_target, opt_state_target, data_iterator):
-    """(step, params, opt_state, meta) of the newest step that restores and verifies, or None.
+    """(step, params, opt_state, meta) of the newest step that restores and verifies, or
+    None when there is no checkpoint. A step that does not restore is moved aside
+    (`set_aside`); DamagedCheckpoints when every one was.
 
     Targets are trees of jax.ShapeDtypeStruct with the shardings to restore onto; the
     data iterator is restored in place.
     """
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    moved = []
+    for step in steps:
       step_dir = os.path.join(self.directory, str(step))
-      try:
-        items = dict(params=ocp.args.StandardRestore(params_target),
-                     opt_state=ocp.args.StandardRestore(opt_state_target),
-                     meta=ocp.args.JsonRestore())
-        if data_iterator is not None:
-          import grain
-          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        meta = restored["meta"]
-        _verify({"params": restored["params"], "opt_state": restored["opt_state"]},
-                meta["checksums"], step_dir)
-        return step, restored["params"], restored["opt_state"], meta
-      except Exception as error:  # noqa: BLE001  (any damage: fall back to an older step)
-        logging.warning("skipping checkpoint %s: %s", step_dir, str(error).splitlines()[0][:300])
+      restored, reason = self._restore(step, step_dir, params_target, opt_state_target,
+                                       data_iterator)
+      if _everyone(restored is not None):
+        return restored
+      moved.append(set_aside(step_dir))
+      self.manager.reload()  # the step is gone: saving it again is a new save
+      logging.warning("skipping checkpoint %s: %s; moved it to %s", step_dir,
+                      reason or "another process could not read it", moved[-1])
+    if moved:
+      raise DamagedCheckpoints(
+          f"every checkpoint in {self.directory} is damaged (steps "
+          f"{', '.join(map(str, steps))}; moved aside to {', '.join(moved)})")
     return None
+
+  def _restore(self, step, step_dir, params_target, opt_state_target, data_iterator):
+    """((step, params, opt_state, meta), None) or (None, why it failed)."""
+    try:
+      items = dict(params=ocp.args.StandardRestore(params_target),
+                   opt_state=ocp.args.StandardRestore(opt_state_target),
+                   meta=ocp.args.JsonRestore())
+      if data_iterator is not None:
+        import grain
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      meta = restored["meta"]
+      _verify({"params": restored["params"], "opt_state": restored["opt_state"]},
+              meta["checksums"], step_dir)
+      return (step, restored["params"], restored["opt_state"], meta), None
+    except Exception as error:  # noqa: BLE001  (any damage: fall back to an older step)
+      return None, (str(error).splitlines() or [repr(error)])[0][:300]
 
   def close(self):
     self.manager.wait_until_finished()

@@ -1,6 +1,7 @@
 """Tokenizer and input pipeline: exact round trips, packing invariants, determinism, resume."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -150,3 +151,22 @@ def test_missing_files_are_a_clear_error(tmp_path):
   (tmp_path / "empty.txt").write_text("   \n")
   with pytest.raises(ValueError, match="hold no text"):
     pipeline.load_documents(pipeline.corpus_files([str(tmp_path / "*.txt")]))
+
+
+def test_every_kind_of_bad_jsonl_line_is_named(tmp_path):
+  bad = {"unterminated": b'{"text": "abc\n', "not an object": b'[1, 2]\n',
+         "no text": b'{"body": "x"}\n', "text not a string": b'{"text": 3}\n',
+         "not UTF-8": b'{"text": "caf\xe9"}\n'}
+  expected = {"unterminated": "invalid JSON", "not an object": 'no "text" field',
+              "no text": 'no "text" field', "text not a string": 'the "text" field is not a string',
+              "not UTF-8": "not UTF-8 (byte 13)"}
+  for name, line in bad.items():
+    path = tmp_path / f"{name.replace(' ', '_')}.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n' + line)
+    with pytest.raises(pipeline.CorpusError, match=re.escape(f"{path}, line 2: {expected[name]}")):
+      pipeline.read_documents(str(path))
+    skipped = []
+    assert pipeline.read_documents(str(path), "skip", skipped) == ["fine"]
+    assert len(skipped) == 1 and expected[name] in skipped[0]
+  with pytest.raises(ValueError, match="data.bad_lines='drop': use one of error, skip"):
+    pipeline.load_documents([str(path)], "drop")
