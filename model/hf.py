@@ -4,11 +4,12 @@ Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases)
 Both config.json forms are read: the older `rope_theta` / `rope_scaling` /
 `torch_dtype` and the newer `rope_parameters` / `dtype`; the newer one is written.
 
-Tensors. transformers stores a Linear as [out, in]; ringlm keeps heads explicit:
-  q_proj [H·Dh, D] -> wq [D, H, Dh]       o_proj [D, H·Dh] -> wo [H, Dh, D]
-  k/v_proj [Hkv·Dh, D] -> wk/wv [D, Hkv, Dh]   q/k/v bias [H·Dh] -> bq/bk/bv [H, Dh]
-  gate/up_proj [F, D] -> w_gate/w_up [D, F]    down_proj [D, F] -> w_down [F, D]
-  lm_head, embed_tokens [V, D], norms: as they are
+Tensors (dimension letters: core/__init__.py). transformers stores a Linear as
+[out, in]; ringlm keeps heads explicit:
+  q_proj [H·D, M] -> wq [M, H, D]          o_proj [M, H·D] -> wo [H, D, M]
+  k/v_proj [K·D, M] -> wk/wv [M, K, D]     q bias [H·D] -> bq [H, D], k/v [K·D] -> [K, D]
+  gate/up_proj [F, M] -> w_gate/w_up [M, F]    down_proj [M, F] -> w_down [F, M]
+  lm_head, embed_tokens [V, M], norms: as they are
 RoPE needs no permutation: ringlm rotates halves as transformers does.
 """
 
@@ -199,9 +200,7 @@ def to_ringlm(array: np.ndarray, layout: str, shape: tuple) -> np.ndarray:
     return array.reshape(shape)
   if layout == "linear":
     return array.T
-  if layout == "in_heads":  # [H·Dh, D] -> [D, H, Dh]
-    return array.T.reshape(shape)
-  if layout == "out_heads":  # [D, H·Dh] -> [H, Dh, D]
+  if layout in ("in_heads", "out_heads"):  # [H·D, M] -> [M, H, D]; [M, H·D] -> [H, D, M]
     return array.T.reshape(shape)
   raise AssertionError(layout)
 
@@ -228,8 +227,6 @@ def to_hf(array: np.ndarray, layout: str) -> np.ndarray:
     return array.reshape(shape)
   if layout == "linear":
     return array.T
-  if layout == "in_heads":
-    return array.reshape(shape[1], shape[0]).T
-  if layout == "out_heads":
+  if layout in ("in_heads", "out_heads"):  # [M, H, D] -> [H·D, M]; [H, D, M] -> [M, H·D]
     return array.reshape(shape[1], shape[0]).T
   raise AssertionError(layout)

@@ -1,6 +1,8 @@
 """The KV cache of decoding: what the forward wrote for the prompt, plus room to grow.
 
-Per layer a key array [B, Hkv, D, C] and a value array [B, Hkv, C, D], and the
+Dimension letters: core/__init__.py.
+
+Per layer a key array [B, K, D, C] and a value array [B, K, C, D], and the
 position of the token in every slot ([B, C], `ring.EMPTY` for padding and unused
 slots). The split is
 the forward's own: batch over (data, fsdp), kv heads over tensor, slots over
@@ -20,8 +22,8 @@ from parallel import ring
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  keys: tuple       # per layer [B, Hkv, D, C], RoPE applied (slots minor: q.k reads them in a row)
-  values: tuple     # per layer [B, Hkv, C, D]
+  keys: tuple       # per layer [B, K, D, C], RoPE applied (slots minor: q.k reads them in a row)
+  values: tuple     # per layer [B, K, C, D]
   positions: jax.Array  # [B, C] int32 token position of each slot
   step: jax.Array   # int32 scalar: decode steps written so far
   prompt_slots: int = dataclasses.field(metadata=dict(static=True))  # slots of the prompt
@@ -35,16 +37,16 @@ def from_prefill(layer_kv, positions, valid, room: int, mesh) -> KVCache:
   """The cache after a prefill.
 
   Args:
-    layer_kv: per layer (k, v), each [B, P, Hkv, D] as the forward computed them
-      (batch over (data, fsdp), P over sequence).
-    positions: [B, P] int32 positions of the prompt tokens (same order and sharding).
-    valid: [B, P] bool, False at padding (its slots are never attended to).
+    layer_kv: per layer (k, v), each [B, L, K, D] as the forward computed them for the
+      L prompt tokens (batch over (data, fsdp), L over sequence).
+    positions: [B, L] int32 positions of the prompt tokens (same order and sharding).
+    valid: [B, L] bool, False at padding (its slots are never attended to).
     room: decode slots to add, a multiple of mesh.sequence.
   """
   grow = lambda x, fill, slot_axis: ring.cache_with_room(x, room, fill, slot_axis=slot_axis,
                                                          mesh=mesh)
-  keys = lambda k: jnp.transpose(k, (0, 2, 3, 1))  # [B, P, Hkv, D] -> [B, Hkv, D, P]
-  values = lambda v: jnp.swapaxes(v, 1, 2)        # [B, P, Hkv, D] -> [B, Hkv, P, D]
+  keys = lambda k: jnp.transpose(k, (0, 2, 3, 1))  # [B, L, K, D] -> [B, K, D, L]: L slots
+  values = lambda v: jnp.swapaxes(v, 1, 2)        # [B, L, K, D] -> [B, K, L, D]
   return KVCache(keys=tuple(grow(keys(k), 0, ring.KEY_SLOTS) for k, _ in layer_kv),
                  values=tuple(grow(values(v), 0, ring.VALUE_SLOTS) for _, v in layer_kv),
                  positions=grow(jnp.where(valid, positions, ring.EMPTY).astype(jnp.int32),

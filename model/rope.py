@@ -5,6 +5,7 @@ dimension are the real and imaginary parts), so converted checkpoints match.
 Context extension stretches the frequencies (`inv_frequencies`, one function for
 every scaling type, matching transformers' rope initialisation) and, for YaRN, scales
 cos and sin (`attention_factor`). model/config.py RopeScaling lists the types.
+Dimension letters: core/__init__.py (D = head_dim).
 """
 
 import math
@@ -16,7 +17,7 @@ from model.config import RopeConfig
 
 
 def inv_frequencies(rope: RopeConfig, head_dim: int, seq_len=None):
-  """Inverse frequencies [head_dim // 2], float64 NumPy constants of the model.
+  """Inverse frequencies [D // 2], float64 NumPy constants of the model.
 
   `seq_len` (the current length: max position + 1, may be a traced scalar) matters
   only for `dynamic`, whose result is then a float32 jnp array.
@@ -74,7 +75,7 @@ def attention_factor(rope: RopeConfig) -> float:
 
 
 def rotary_tables(rope: RopeConfig, head_dim: int, positions):
-  """cos, sin tables [B, L, head_dim // 2] float32 for int positions [B, L].
+  """cos, sin tables [B, L, D // 2] float32 for int positions [B, L].
 
   positions may be sharded anyhow; `dynamic` scaling reads their global maximum.
   """
@@ -86,7 +87,8 @@ def rotary_tables(rope: RopeConfig, head_dim: int, positions):
 
 
 def apply_rotary(x, cos, sin):
-  """Rotates x [B, L, H, D] by the tables [B, L, D // 2]; computed in float32."""
+  """Rotates x [B, L, H, D] (or [B, L, K, D]) by the tables [B, L, D // 2]; computed in
+  float32."""
   half = x.shape[-1] // 2
   x32 = x.astype(jnp.float32)
   real, imag = x32[..., :half], x32[..., half:]

@@ -1,4 +1,6 @@
-"""Ring attention over the `sequence` mesh axis (DESIGN.md, "The ring, step by step").
+"""Ring attention over the `sequence` mesh axis (docs/design.md, "The ring, step by step").
+
+Dimension letters: core/__init__.py.
 
 Each of the N devices on the ring keeps its queries and passes its key/value block
 (with the keys' positions and segment ids) to the next device N-1 times, attending
@@ -60,10 +62,30 @@ def _merge(out, lse, block_out, block_lse):
   return out, new_lse
 
 
+def _to_next(ring_size):
+  """ppermute pairs: device i sends to device i + 1 (mod N)."""
+  return [(i, (i + 1) % ring_size) for i in range(ring_size)]
+
+
+def _around_the_ring(kv_block, state, visit, *, axis, ring_size):
+  """state = visit(kv_block, state) for each of the N KV blocks as they pass this device.
+
+  The block moves on to the next device (ppermute) before each visit but the last, so
+  the transfer overlaps the compute; returns the final state.
+  """
+  def step(_, carry):
+    kv_block, state = carry
+    next_block = lax.ppermute(kv_block, axis, _to_next(ring_size))  # issued before the compute
+    return next_block, visit(kv_block, state)
+
+  kv_block, state = lax.fori_loop(0, ring_size - 1, step, (kv_block, state))
+  return visit(kv_block, state)  # the last block: nothing left to send
+
+
 def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, causal, scale,
                 block_q, block_kv):
   """The per-device ring (runs inside shard_map); differentiable through its custom VJP."""
-  to_next = [(i, (i + 1) % ring_size) for i in range(ring_size)]
+  ring = functools.partial(_around_the_ring, axis=axis, ring_size=ring_size)
   # Unset block sizes: the kernel's default, halved until it divides the local half, so
   # no block straddles the two chunks a device holds in zigzag order (a straddling
   # block could rarely be skipped).
@@ -72,23 +94,14 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, cau
               block_kv=block_kv or _fit(kernel.BLOCK_KV, half))
 
   def forward(q, k, v, positions, segment_ids):
-    def attend(kv_block, out, lse):
+    def attend(kv_block, state):
       k, v, kv_pos, kv_seg = kv_block
       block_out, block_lse = kernel.block_attention(q, k, v, positions, kv_pos, segment_ids,
                                                     kv_seg, **opts)
-      return _merge(out, lse, block_out.astype(jnp.float32), block_lse)
+      return _merge(*state, block_out.astype(jnp.float32), block_lse)
 
-    def step(_, carry):
-      out, lse, kv_block = carry
-      next_block = lax.ppermute(kv_block, axis, to_next)  # issued before the compute
-      out, lse = attend(kv_block, out, lse)
-      return out, lse, next_block
-
-    out = jnp.zeros(q.shape, jnp.float32)
-    lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
-    carry = (out, lse, (k, v, positions, segment_ids))
-    out, lse, kv_block = lax.fori_loop(0, ring_size - 1, step, carry)
-    out, lse = attend(kv_block, out, lse)  # the last block: nothing left to send
+    state = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
+    out, lse = ring((k, v, positions, segment_ids), state, attend)
     return out.astype(q.dtype), lse
 
   @jax.custom_vjp
@@ -102,24 +115,17 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, cau
   def attention_bwd(residuals, dout):
     q, k, v, positions, segment_ids, out, lse = residuals
 
-    def grads(kv_block, dq, dk, dv):
+    def grads(kv_block, state):
+      dq, dk, dv = state
       k, v, kv_pos, kv_seg = kv_block
       dq_s, dk_s, dv_s = kernel.block_attention_bwd(q, k, v, positions, kv_pos, segment_ids,
                                                     kv_seg, out, lse, dout, **opts)
-      return dq + dq_s, dk + dk_s, dv + dv_s
-
-    def step(_, carry):
-      dq, kv_block, dk, dv = carry
-      next_block = lax.ppermute(kv_block, axis, to_next)
-      dq, dk, dv = grads(kv_block, dq, dk, dv)
-      dk, dv = lax.ppermute((dk, dv), axis, to_next)  # accumulators follow their block
-      return dq, next_block, dk, dv
+      # The accumulators follow their block (after the last block: the hop home).
+      dk, dv = lax.ppermute((dk + dk_s, dv + dv_s), axis, _to_next(ring_size))
+      return dq + dq_s, dk, dv
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-    carry = (zeros(q), (k, v, positions, segment_ids), zeros(k), zeros(v))
-    dq, kv_block, dk, dv = lax.fori_loop(0, ring_size - 1, step, carry)
-    dq, dk, dv = grads(kv_block, dq, dk, dv)
-    dk, dv = lax.ppermute((dk, dv), axis, to_next)  # the last hop home
+    dq, dk, dv = ring((k, v, positions, segment_ids), (zeros(q), zeros(k), zeros(v)), grads)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
   attention.defvjp(attention_fwd, attention_bwd)
@@ -131,8 +137,8 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
   """Softmax attention of q over k, v with the sequence split over the `axis` ring.
 
   Args (global arrays):
-    q: [B, L, Hq, D], batch over (data, fsdp), L over `axis`, heads over tensor.
-    k, v: [B, L, Hkv, D] with Hq % Hkv == 0, sharded like q (kv heads over tensor).
+    q: [B, L, H, D], batch over (data, fsdp), L over `axis`, heads over tensor.
+    k, v: [B, L, K, D] with H % K == 0, sharded like q (kv heads over tensor).
     positions: [B, L] int32 token positions (any order: natural or zigzag).
     segment_ids: [B, L] int32 document ids of packed rows, or None (one document).
     causal: a query sees keys with kv_pos <= q_pos (and the same segment id).
@@ -140,7 +146,7 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
     impl: kernel implementation (one of IMPLS); block_q/block_kv: kernel block sizes
       (None: the kernel's default).
   Returns:
-    [B, L, Hq, D] in q.dtype, sharded like q. Rows that see no key are 0.
+    [B, L, H, D] in q.dtype, sharded like q. Rows that see no key are 0.
   """
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   if segment_ids is None:
@@ -162,7 +168,8 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
 
 # --- Decode over a KV cache (serve.py) ------------------------------------------------
 #
-# The cache of one layer is keys [B, Hkv, D, C] and values [B, Hkv, C, D]: batch over
+# (docs/design.md, "Decode over a sequence-sharded cache".)
+# The cache of one layer is keys [B, K, D, C] and values [B, K, C, D]: batch over
 # (data, fsdp), kv heads over tensor, the C slots over the `sequence` axis, as the
 # forward's keys are split. Keys keep the slots minor, so that q.k runs along
 # contiguous slots (on CPU 0.42 against 1.14 ms per layer slots-major, for 32 rows x 4
@@ -179,7 +186,7 @@ KEY_SLOTS, VALUE_SLOTS, POSITION_SLOTS = 3, 2, 1  # the slot axis of each cache 
 
 
 def _cache_spec(axis, ndim, slot_axis):
-  """Positions [B, C], keys [B, Hkv, D, C] or values [B, Hkv, C, D]: batch over
+  """The sharding of a cache array (keys, values or positions, as above): batch over
   (data, fsdp), kv heads over tensor, slots (`slot_axis`) over `axis`."""
   names = [sharding.RULES["batch"]] + [None] * (ndim - 1)
   if ndim == 4:
@@ -192,12 +199,12 @@ def cache_with_room(prefilled, room: int, fill, *, slot_axis: int, mesh, axis="s
   """Appends `room` empty slots to a sequence-sharded array, room / N on each device.
 
   Args:
-    prefilled: keys [B, Hkv, D, P], values [B, Hkv, P, D] or positions [B, P]; batch
-      over (data, fsdp), kv heads over tensor, the P slots (axis `slot_axis`) over `axis`.
+    prefilled: a cache array of C slots (axis `slot_axis`; keys, values or positions,
+      sharded as above).
     room: decode slots to add, a multiple of the ring size N.
     fill: the value of the new slots (0 for keys/values, EMPTY for positions).
   Returns:
-    P + room slots, sharded like `prefilled`; device i holds its P/N prefilled slots
+    C + room slots, sharded like `prefilled`; device i holds its C/N prefilled slots
     followed by room/N empty ones.
   """
   ring_size = mesh.shape[axis]
@@ -218,9 +225,8 @@ def cache_write(cache, new, step, prompt_slots: int, *, slot_axis: int, mesh,
   """Writes the token of decode step `step` into its slot.
 
   Args:
-    cache: keys [B, Hkv, D, C], values [B, Hkv, C, D] or positions [B, C], sharded as
-      in `cache_with_room`; its first `prompt_slots` slots (prompt_slots / N per
-      device) hold the prompt.
+    cache: a cache array (keys, values or positions) from `cache_with_room`; its first
+      `prompt_slots` slots (prompt_slots / N per device) hold the prompt.
     new: the step's value, shaped like `cache` with 1 slot, not split over `axis`.
     step: int32 scalar, the decode step (0 for the token after the prompt).
   Returns:
@@ -246,17 +252,17 @@ def decode_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
   """Attention of one new token per row over a sequence-sharded KV cache.
 
   Each device attends to its local slots; the partial results merge by log-sum-exp
-  over `axis` (DESIGN.md, "Decode over a sequence-sharded cache"): an all-reduce of
+  over `axis` (docs/design.md, "Decode over a sequence-sharded cache"): an all-reduce of
   the row maxima, then one of the rescaled numerators and denominators.
 
   Args:
-    q: [B, 1, Hq, D], batch over (data, fsdp), heads over tensor, replicated over `axis`.
-    k_cache: [B, Hkv, D, C] and v_cache: [B, Hkv, C, D], Hq % Hkv == 0, the C slots
-      over `axis`.
+    q: [B, 1, H, D], batch over (data, fsdp), heads over tensor, replicated over `axis`.
+    k_cache: [B, K, D, C] and v_cache: [B, K, C, D], H % K == 0, the C slots over
+      `axis`.
     cache_positions: [B, C] int32 token position of each slot (EMPTY: none).
     q_positions: [B, 1] int32; a slot is visible when its position <= the query's.
   Returns:
-    [B, 1, Hq, D] in q.dtype, sharded like q.
+    [B, 1, H, D] in q.dtype, sharded like q.
   """
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   batch_axes = sharding.RULES["batch"]
@@ -266,15 +272,16 @@ def decode_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
   def local(q, k, v, kv_pos, q_pos):
     batch, _, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    # [B, 1, H, D] -> [B, K, G, D]
     grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bhgd,bhdc->bhgc", grouped, k.astype(jnp.float32)) * scale
+    scores = jnp.einsum("bkgd,bkdc->bkgc", grouped, k.astype(jnp.float32)) * scale
     visible = (kv_pos <= q_pos)[:, None, None, :]  # [B, 1, 1, C]
     scores = jnp.where(visible, scores, -jnp.inf)
-    local_max = jnp.max(scores, axis=-1)  # [B, Hkv, G]
+    local_max = jnp.max(scores, axis=-1)  # [B, K, G]
     ring_max = lax.pmax(local_max, axis)
     safe_max = jnp.where(ring_max == -jnp.inf, 0.0, ring_max)
     weights = jnp.exp(scores - safe_max[..., None])
-    numerator = jnp.einsum("bhgc,bhcd->bhgd", weights, v.astype(jnp.float32))
+    numerator = jnp.einsum("bkgc,bkcd->bkgd", weights, v.astype(jnp.float32))
     denominator = jnp.sum(weights, axis=-1, keepdims=True)
     # The merge: one all-reduce of (numerator, denominator) over the ring.
     numerator, denominator = lax.psum((numerator, denominator), axis)

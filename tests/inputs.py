@@ -7,10 +7,14 @@ def attention_inputs(rng, *, batch=2, q_len=64, kv_len=None, q_heads=4, kv_heads
                      dtype=np.float32, doc_len=None, kv_offset=0):
   """q, k, v, q_pos, kv_pos, q_seg, kv_seg and a cotangent dout, all fresh random.
 
+  q [B, L, H, D], k/v [B, S, K, D], positions and segment ids [B, L] / [B, S]
+  (dimension letters: core/__init__.py).
+
   doc_len: pack documents of this many tokens per row (segment ids 1, 2, ...; positions
-  restart at 0 in each); the second row's documents are shifted by a third so the
-  rows differ (row b is shifted by b * doc_len // 3). kv_offset: keys' positions start this much later than the queries'
-  (as in a ring step), so early query rows may see no key at all.
+  restart at 0 in each); each row's documents are shifted by a third of a document
+  more than the previous row's (row b by b * doc_len // 3), so the rows differ.
+  kv_offset: keys' positions start this much later than the queries' (as in a ring
+  step), so early query rows may see no key at all.
   """
   kv_len = q_len if kv_len is None else kv_len
   normal = lambda *shape: rng.standard_normal(shape).astype(dtype)

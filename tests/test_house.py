@@ -5,7 +5,6 @@ import ast
 import dataclasses
 import os
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARIES = ("core", "model", "parallel", "data", "training", "serving", "configs")

@@ -1,5 +1,7 @@
 """What every block-attention implementation shares: masks, self-masking padding, skip tables.
 
+Dimension letters: core/__init__.py.
+
 A query sees a key when their segment ids are equal and (if causal) kv_pos <= q_pos.
 
 Padding masks itself: padded keys get segment id INT_MIN and position INT_MAX,
@@ -25,7 +27,8 @@ def _pad(x, length, value):
 
 
 def pad_tokens(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len):
-  """Pads [B, L] int32 positions and segment ids to q_len / kv_len with self-masking values."""
+  """Pads int32 positions and segment ids ([B, L] for queries, [B, S] for keys) to q_len /
+  kv_len with self-masking values."""
   return (_pad(q_pos.astype(jnp.int32), q_len, INT_MIN),
           _pad(kv_pos.astype(jnp.int32), kv_len, INT_MAX),
           _pad(q_seg.astype(jnp.int32), q_len, INT_MAX),
@@ -33,7 +36,7 @@ def pad_tokens(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len):
 
 
 def visible(q_pos, kv_pos, q_seg, kv_seg, causal):
-  """Element mask [..., Lq, Lk] from q_* [..., Lq] and kv_* [..., Lk]."""
+  """Element mask [..., L, S] from q_* [..., L] and kv_* [..., S]."""
   return visible_broadcast(q_pos[..., :, None], kv_pos[..., None, :], q_seg[..., :, None],
                            kv_seg[..., None, :], causal)
 
@@ -56,12 +59,13 @@ SKIP, FULL, PARTIAL = 0, 1, 2  # block states: nothing visible / all visible / n
 
 
 def block_states(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
-  """[Lq // block_q, Lk // block_kv] int32: SKIP, FULL or PARTIAL for q block i, kv block j.
+  """[nq, nk] int32 (nq = L // block_q, nk = S // block_kv): SKIP, FULL or PARTIAL for q
+  block i, kv block j.
 
   SKIP: no query of block i can see a key of block j. FULL: every query sees every key
   (one segment on both sides, and causally all keys are at or before all queries), so
-  no mask is needed. Inputs are padded [B, L] int32 arrays whose lengths are multiples
-  of the blocks.
+  no mask is needed. Inputs are padded [B, L] / [B, S] int32 arrays whose lengths are
+  multiples of the blocks.
   """
   q_seg_lo, q_seg_hi = _ranges(q_seg, block_q)
   kv_seg_lo, kv_seg_hi = _ranges(kv_seg, block_kv)
@@ -91,7 +95,7 @@ def schedule(states):
 
 
 def block_table(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal):
-  """[Lq // block_q, Lk // block_kv] bool: may q block i see anything of kv block j?"""
+  """[nq, nk] bool: may q block i see anything of kv block j?"""
   return block_states(q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv, causal) != SKIP
 
 
@@ -109,10 +113,10 @@ def fetch_table(table):
 
 
 def backward_rows(out, lse, dout):
-  """Per-row inputs of every backward: (lse, delta), both [B, Lq, Hq] float32.
+  """Per-row inputs of every backward: (lse, delta), both [B, L, H] float32.
 
   delta = sum(dout * out) over the head dim (FlashAttention-2). A row that sees no key
   anywhere has lse = -inf; it becomes +inf, so that row's p = exp(s - lse) is exactly 0.
   """
-  delta = jnp.einsum("bqhd,bqhd->bqh", dout.astype(jnp.float32), out.astype(jnp.float32))
+  delta = jnp.einsum("blhd,blhd->blh", dout.astype(jnp.float32), out.astype(jnp.float32))
   return jnp.where(lse == -jnp.inf, jnp.inf, lse), delta

@@ -1,8 +1,10 @@
 """Block attention as Pallas GPU kernels (Triton backend): forward, dK/dV and dQ.
 
-Same contract as `xla.py`: q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], positions and
-segment ids [B, L] int32 -> out [B, Lq, Hq, D], lse [B, Lq, Hq] f32; the backward
-takes the final (out, lse) and dout. On CPU the kernels run in interpret mode.
+Dimension letters: core/__init__.py.
+
+Same contract as `xla.py`: q [B, L, H, D], k/v [B, S, K, D], positions and segment
+ids [B, L] / [B, S] int32 -> out [B, L, H, D], lse [B, L, H] f32; the backward takes
+the final (out, lse) and dout. On CPU the kernels run in interpret mode.
 
 Triton has no scalar prefetch and no scratch buffers, so each program keeps its
 block in registers and walks the other side with a `fori_loop`; a row of the skip
@@ -12,18 +14,20 @@ fully masked blocks are neither loaded nor computed. Arrays stay in the caller's
 with self-masking values (masking.py). Triton tiles must be powers of two: block_q,
 block_kv and head_dim.
 
-Grids and BlockSpecs (G = Hq // Hkv; query head h reads kv head h // G):
+Grids and BlockSpecs (G = H // K; query head h reads kv head h // G). Grid indices
+are b, h (query head), k (kv head), i (q block), j (kv block); the index maps below
+name each block's place:
 
-  forward  grid (B, Hq, nq)
+  forward  grid (B, H, nq)
     q, out      (bq, D)      at (b, i, h)       in registers
-    k, v        (Lk, D)      at (b, 0, h // G)  whole sequence; the loop loads (bk, D) tiles
+    k, v        (S, D)       at (b, 0, h // G)  whole sequence; the loop loads (bk, D) tiles
     table row   (nk,)        at (i)
     lse         (bq,)        at (b, h, i)
-  dK/dV    grid (B, Hkv, nk)
-    k, v, dk, dv (bk, D)     at (b, j, hkv)     in registers
-    q, dout     (Lq, G, D)   at (b, 0, hkv)     the group's G query heads; the loop loads (bq, D)
-    lse, delta  (G, Lq)      at (b, hkv, 0);    table row (nq,) at (j)
-  dQ       grid (B, Hq, nq), like the forward
+  dK/dV    grid (B, K, nk)
+    k, v, dk, dv (bk, D)     at (b, j, k)       in registers
+    q, dout     (L, G, D)    at (b, 0, k)       the group's G query heads; the loop loads (bq, D)
+    lse, delta  (G, L)       at (b, k, 0);      table row (nq,) at (j)
+  dQ       grid (B, H, nq), like the forward
 """
 
 import functools
@@ -34,14 +38,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from parallel.kernels import masking
+from parallel.kernels import common, masking
+from parallel.kernels.common import NEG_INF, dot, round_up
 
-NEG_INF = -jnp.inf
 BLOCK_Q, BLOCK_KV = 64, 64
-
-
-def _round_up(x, multiple):
-  return -(-x // multiple) * multiple
 
 
 def _power_of_two(x):
@@ -59,7 +59,7 @@ class _Plan:
     self.group = q.shape[2] // k.shape[2]
     self.block_q = min(block_q, pl.next_power_of_2(q_len))
     self.block_kv = min(block_kv, pl.next_power_of_2(kv_len))
-    self.q_len, self.kv_len = _round_up(q_len, self.block_q), _round_up(kv_len, self.block_kv)
+    self.q_len, self.kv_len = round_up(q_len, self.block_q), round_up(kv_len, self.block_kv)
     self.num_q, self.num_kv = self.q_len // self.block_q, self.kv_len // self.block_kv
     self.tokens = masking.pad_tokens(q_pos, kv_pos, q_seg, kv_seg, self.q_len, self.kv_len)
     table = masking.block_table(*self.tokens, self.block_q, self.block_kv, causal)
@@ -72,24 +72,67 @@ class _Plan:
     """Zero-pads axis 1 of x to `length`."""
     return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
+  def query_grid_specs(self, head_dim):
+    """The BlockSpecs of the (B, H, nq) grid of the forward and dQ: (table row, q-like
+    tile (bq, D), whole k or v (S, D), row statistics (bq,), the four token arrays)."""
+    q_tokens = pl.BlockSpec((None, self.block_q), _tile_at)
+    kv_tokens = pl.BlockSpec((None, self.kv_len), _whole_at)
+    return (pl.BlockSpec((None, self.table_by_q.shape[1]), _table_row_at),
+            pl.BlockSpec((None, self.block_q, None, head_dim), _head_tile_at),
+            pl.BlockSpec((None, self.kv_len, None, head_dim), _kv_head_of(self.group)),
+            pl.BlockSpec((None, None, self.block_q), _rows_at),
+            [q_tokens, q_tokens, kv_tokens, kv_tokens])
+
+
+# --------------------------------------------------------------------------- index maps
+# Grids (b, h, i) over (B, H, nq) for the forward and dQ, (b, k, j) over (B, K, nk) for
+# dK/dV: `n` is the grid's own block (i or j), `head` its head (h or k).
+
+def _table_row_at(b, head, n):
+  """The skip-table row of block n."""
+  return (n, 0)
+
+
+def _head_tile_at(b, head, n):
+  """Tile n of a [B, L, H, D] or [B, S, K, D] array, at the grid's own head."""
+  return (b, n, head, 0)
+
+
+def _tile_at(b, head, n):
+  """Tokens of block n."""
+  return (b, n)
+
+
+def _whole_at(b, head, n):
+  """All tokens of the other side."""
+  return (b, 0)
+
+
+def _rows_at(b, h, i):
+  """lse, delta (and the forward's lse output) of query head h, q block i: [B, H, L]."""
+  return (b, h, i)
+
+
+def _kv_head_of(group):
+  """The whole k or v of the kv head of query head h."""
+  return lambda b, h, i: (b, 0, lax.div(h, group), 0)
+
+
+def _group_at(b, k, j):
+  """The whole q or dout of kv head k's G query heads (block (L, G, D))."""
+  return (b, 0, k, 0)
+
+
+def _group_rows_at(b, k, j):
+  """lse, delta of kv head k's G query heads (block (G, L))."""
+  return (b, k, 0)
+
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, name):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-      interpret=jax.default_backend() == "cpu" if interpret is None else interpret, name=name)
-
-
-def _dot(a, b, contract_a, contract_b):
-  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                         preferred_element_type=jnp.float32)
-
-
-def _probs_and_dlogits(q, k, v, dout, lse, delta, mask, scale):
-  """p = exp(s - lse) and ds = p * (dout·vᵀ - delta) * scale, both (bq, bk) f32."""
-  logits = jnp.where(mask, _dot(q, k, 1, 1) * scale, NEG_INF)
-  probs = jnp.exp(logits - lse[:, None])
-  return probs, probs * (_dot(dout, v, 1, 1) - delta[:, None]) * scale
+      interpret=common.interpret_mode(interpret), name=name)
 
 
 def _skippable_loop(table_ref, count, update, carry):
@@ -111,53 +154,34 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos
     span = pl.ds(j * block_kv, block_kv)
     mask = masking.visible_broadcast(q_pos, kv_pos_ref[span][None, :], q_seg,
                                      kv_seg_ref[span][None, :], causal)
-    logits = jnp.where(mask, _dot(q, k_ref[span, :], 1, 1) * scale, NEG_INF)
-    new_max = jnp.maximum(row_max, logits.max(axis=1))
-    safe_max = jnp.where(new_max == NEG_INF, 0.0, new_max)  # rows with no key yet
-    probs = jnp.exp(logits - safe_max[:, None])
-    correction = jnp.exp(row_max - safe_max)
+    logits = jnp.where(mask, dot(q, k_ref[span, :], 1, 1) * scale, NEG_INF)
+    new_max, row_sum, probs, correction = common.softmax_update(row_max, row_sum, logits)
     v = v_ref[span, :]
-    acc = correction[:, None] * acc + _dot(probs.astype(v.dtype), v, 1, 0)
-    return acc, new_max, correction * row_sum + probs.sum(axis=1)
+    return correction * acc + dot(probs.astype(v.dtype), v, 1, 0), new_max, row_sum
 
   rows = q.shape[0]
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
-  acc, row_max, row_sum = _skippable_loop(table_ref, num_kv, update, init)
-  empty = row_sum == 0
-  safe_sum = jnp.where(empty, 1.0, row_sum)
-  out_ref[...] = (acc / safe_sum[:, None]).astype(out_ref.dtype)
-  lse_ref[...] = jnp.where(empty, NEG_INF, row_max + jnp.log(safe_sum))
+  out, lse = common.softmax_finish(*_skippable_loop(table_ref, num_kv, update, init))
+  out_ref[...] = out.astype(out_ref.dtype)
+  lse_ref[...] = lse
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv",
-                                             "interpret"))
+@common.kernel_jit("interpret")
 def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=BLOCK_Q,
                     block_kv=BLOCK_KV, interpret=None):
   """Forward; see the module docstring. interpret=None: interpret mode on CPU only."""
   batch, q_len, q_heads, head_dim = q.shape
   plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
-  bq, group = plan.block_q, plan.group
   q_pos, kv_pos, q_seg, kv_seg = plan.tokens
-  kv_head = lambda h: lax.div(h, group)
-  in_specs = [
-      pl.BlockSpec((None, plan.table_by_q.shape[1]), lambda b, h, i: (i, 0)),
-      pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-      pl.BlockSpec((None, plan.kv_len, None, head_dim), lambda b, h, i: (b, 0, kv_head(h), 0)),
-      pl.BlockSpec((None, plan.kv_len, None, head_dim), lambda b, h, i: (b, 0, kv_head(h), 0)),
-      pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-      pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-      pl.BlockSpec((None, plan.kv_len), lambda b, h, i: (b, 0)),
-      pl.BlockSpec((None, plan.kv_len), lambda b, h, i: (b, 0)),
-  ]
-  out_specs = [pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-               pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))]
+  table_spec, q_spec, kv_spec, rows_spec, token_specs = plan.query_grid_specs(head_dim)
   out_shape = [jax.ShapeDtypeStruct((batch, plan.q_len, q_heads, head_dim), q.dtype),
                jax.ShapeDtypeStruct((batch, q_heads, plan.q_len), jnp.float32)]
   kernel = functools.partial(_forward_kernel, causal=causal, scale=scale,
                              block_kv=plan.block_kv, num_kv=plan.num_kv)
-  out, lse = _call(kernel, (batch, q_heads, plan.num_q), in_specs, out_specs, out_shape,
-                   interpret, "ringlm_attention_fwd")(
+  out, lse = _call(kernel, (batch, q_heads, plan.num_q),
+                   [table_spec, q_spec, kv_spec, kv_spec, *token_specs], [q_spec, rows_spec],
+                   out_shape, interpret, "ringlm_attention_fwd")(
       plan.table_by_q, plan.pad(q, plan.q_len), plan.pad(k, plan.kv_len),
       plan.pad(v, plan.kv_len), q_pos, q_seg, kv_pos, kv_seg)
   return out[:, :q_len], lse.transpose(0, 2, 1)[:, :q_len]
@@ -179,10 +203,10 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_
       q, dout = q_ref[span, g, :], dout_ref[span, g, :]
       mask = masking.visible_broadcast(q_pos_ref[span][:, None], kv_pos,
                                        q_seg_ref[span][:, None], kv_seg, causal)
-      probs, dlogits = _probs_and_dlogits(q, k, v, dout, lse_ref[g, span], delta_ref[g, span],
-                                          mask, scale)
-      dv += _dot(probs.astype(dout.dtype), dout, 0, 0)  # pᵀ·dout: (bk, D)
-      dk += _dot(dlogits.astype(q.dtype), q, 0, 0)      # dsᵀ·q: (bk, D)
+      probs, dlogits = common.probs_and_dlogits(q, k, v, dout, lse_ref[g, span],
+                                                delta_ref[g, span], mask, scale)
+      dv += dot(probs.astype(dout.dtype), dout, 0, 0)  # pᵀ·dout: (bk, D)
+      dk += dot(dlogits.astype(q.dtype), q, 0, 0)      # dsᵀ·q: (bk, D)
       return dk, dv
 
     carry = _skippable_loop(table_ref, num_q, update, carry)
@@ -200,67 +224,51 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_p
     k = k_ref[span, :]
     mask = masking.visible_broadcast(q_pos, kv_pos_ref[span][None, :], q_seg,
                                      kv_seg_ref[span][None, :], causal)
-    _, dlogits = _probs_and_dlogits(q, k, v_ref[span, :], dout, lse, delta, mask, scale)
-    return dq + _dot(dlogits.astype(k.dtype), k, 1, 0)  # ds·k: (bq, D)
+    _, dlogits = common.probs_and_dlogits(q, k, v_ref[span, :], dout, lse, delta, mask, scale)
+    return dq + dot(dlogits.astype(k.dtype), k, 1, 0)  # ds·k: (bq, D)
 
   dq = _skippable_loop(table_ref, num_kv, update, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv",
-                                             "interpret"))
+@common.kernel_jit("interpret")
 def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *, causal, scale,
                         block_q=BLOCK_Q, block_kv=BLOCK_KV, interpret=None):
-  """(dq, dk, dv) of this block's share, from the final out and lse [B, Lq, Hq]."""
-  batch, q_len, q_heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
+  """(dq, dk, dv) of this block's share, from the final out and lse [B, L, H]."""
   plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
-  bq, bk, group = plan.block_q, plan.block_kv, plan.group
+  batch, head_dim, group = q.shape[0], q.shape[3], plan.group
   q_pos, kv_pos, q_seg, kv_seg = plan.tokens
 
   lse, delta = masking.backward_rows(out, lse, dout)
-  # [B, Lq, Hq] -> [B, Hq, Lq_padded]; padding rows get lse = +inf, so p = 0.
-  padding = ((0, 0), (0, 0), (0, plan.q_len - q_len))
+  # [B, L, H] -> [B, H, L_padded]; padding rows get lse = +inf, so p = 0.
+  padding = ((0, 0), (0, 0), (0, plan.q_len - q.shape[1]))
   lse = jnp.pad(lse.transpose(0, 2, 1), padding, constant_values=jnp.inf)
   delta = jnp.pad(delta.transpose(0, 2, 1), padding)
   operands = (plan.pad(q, plan.q_len), plan.pad(k, plan.kv_len), plan.pad(v, plan.kv_len),
               plan.pad(dout, plan.q_len), lse, delta, q_pos, q_seg, kv_pos, kv_seg)
 
-  # dK/dV: grid (B, Hkv, nk); every query block of the group's heads.
-  whole_q = pl.BlockSpec((None, plan.q_len, group, head_dim), lambda b, h, j: (b, 0, h, 0))
-  kv_tile = pl.BlockSpec((None, bk, None, head_dim), lambda b, h, j: (b, j, h, 0))
-  group_rows = pl.BlockSpec((None, group, plan.q_len), lambda b, h, j: (b, h, 0))
-  in_specs = [
-      pl.BlockSpec((None, plan.table_by_kv.shape[1]), lambda b, h, j: (j, 0)),
-      whole_q, kv_tile, kv_tile, whole_q, group_rows, group_rows,
-      pl.BlockSpec((None, plan.q_len), lambda b, h, j: (b, 0)),
-      pl.BlockSpec((None, plan.q_len), lambda b, h, j: (b, 0)),
-      pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),
-      pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),
-  ]
-  kernel = functools.partial(_dkv_kernel, causal=causal, scale=scale, block_q=bq,
+  # dK/dV: grid (B, K, nk); every query block of the group's heads.
+  whole_q = pl.BlockSpec((None, plan.q_len, group, head_dim), _group_at)
+  kv_tile = pl.BlockSpec((None, plan.block_kv, None, head_dim), _head_tile_at)
+  group_rows = pl.BlockSpec((None, group, plan.q_len), _group_rows_at)
+  q_tokens = pl.BlockSpec((None, plan.q_len), _whole_at)
+  kv_tokens = pl.BlockSpec((None, plan.block_kv), _tile_at)
+  in_specs = [pl.BlockSpec((None, plan.table_by_kv.shape[1]), _table_row_at),
+              whole_q, kv_tile, kv_tile, whole_q, group_rows, group_rows,
+              q_tokens, q_tokens, kv_tokens, kv_tokens]
+  kernel = functools.partial(_dkv_kernel, causal=causal, scale=scale, block_q=plan.block_q,
                              num_q=plan.num_q, group=group)
-  dk, dv = _call(kernel, (batch, kv_heads, plan.num_kv), in_specs, [kv_tile, kv_tile],
+  dk, dv = _call(kernel, (batch, k.shape[2], plan.num_kv), in_specs, [kv_tile, kv_tile],
                  [jax.ShapeDtypeStruct(operands[1].shape, k.dtype),
                   jax.ShapeDtypeStruct(operands[2].shape, v.dtype)],
                  interpret, "ringlm_attention_dkv")(plan.table_by_kv, *operands)
 
-  # dQ: grid (B, Hq, nq), like the forward.
-  q_tile = pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0))
-  whole_kv = pl.BlockSpec((None, plan.kv_len, None, head_dim),
-                          lambda b, h, i: (b, 0, lax.div(h, group), 0))
-  q_rows = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-  in_specs = [
-      pl.BlockSpec((None, plan.table_by_q.shape[1]), lambda b, h, i: (i, 0)),
-      q_tile, whole_kv, whole_kv, q_tile, q_rows, q_rows,
-      pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-      pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-      pl.BlockSpec((None, plan.kv_len), lambda b, h, i: (b, 0)),
-      pl.BlockSpec((None, plan.kv_len), lambda b, h, i: (b, 0)),
-  ]
-  kernel = functools.partial(_dq_kernel, causal=causal, scale=scale, block_kv=bk,
+  # dQ: grid (B, H, nq), like the forward.
+  table_spec, q_tile, whole_kv, q_rows, token_specs = plan.query_grid_specs(head_dim)
+  in_specs = [table_spec, q_tile, whole_kv, whole_kv, q_tile, q_rows, q_rows, *token_specs]
+  kernel = functools.partial(_dq_kernel, causal=causal, scale=scale, block_kv=plan.block_kv,
                              num_kv=plan.num_kv)
-  dq = _call(kernel, (batch, q_heads, plan.num_q), in_specs, q_tile,
+  dq = _call(kernel, (batch, q.shape[2], plan.num_q), in_specs, q_tile,
              jax.ShapeDtypeStruct(operands[0].shape, q.dtype),
              interpret, "ringlm_attention_dq")(plan.table_by_q, *operands)
-  return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
+  return dq[:, :q.shape[1]], dk[:, :k.shape[1]], dv[:, :k.shape[1]]

@@ -1,8 +1,10 @@
 """Float64 NumPy attention: the oracle every kernel and the ring are tested against.
 
-Shapes follow the block-attention contract (DESIGN.md):
-  q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] with Hq % Hkv == 0 (query head h reads
-  kv head h // (Hq // Hkv)); positions and segment ids [B, L] int.
+Dimension letters: core/__init__.py.
+
+Shapes follow the block-attention contract (docs/design.md, "The block contract"):
+  q [B, L, H, D], k/v [B, S, K, D] with H % K == 0 (query head h reads kv head
+  h // G, G = H // K); positions and segment ids [B, L] / [B, S] int.
 A query sees a key when their segment ids are equal and, if causal,
 kv_pos <= q_pos. Rows that see no key have out = 0 and lse = -inf.
 
@@ -14,7 +16,7 @@ import numpy as np
 
 
 def _visible(q_pos, kv_pos, q_seg, kv_seg, causal):
-  """[B, 1, Lq, Lk] boolean mask."""
+  """[B, 1, L, S] boolean mask."""
   mask = q_seg[:, :, None] == kv_seg[:, None, :]
   if causal:
     mask &= kv_pos[:, None, :] <= q_pos[:, :, None]
@@ -22,21 +24,21 @@ def _visible(q_pos, kv_pos, q_seg, kv_seg, causal):
 
 
 def _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale):
-  """Masked logits [B, Hq, Lq, Lk] (-inf where masked) and the mask."""
+  """Masked logits [B, H, L, S] (-inf where masked)."""
   q = np.asarray(q, np.float64)
   k = np.asarray(k, np.float64)
   group = q.shape[2] // k.shape[2]
-  k = np.repeat(k, group, axis=2)  # [B, Lk, Hkv, D] -> [B, Lk, Hq, D]
-  logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  k = np.repeat(k, group, axis=2)  # [B, S, K, D] -> [B, S, H, D]
+  logits = np.einsum("blhd,bshd->bhls", q, k) * scale
   mask = _visible(np.asarray(q_pos), np.asarray(kv_pos), np.asarray(q_seg),
                   np.asarray(kv_seg), causal)
-  return np.where(mask, logits, -np.inf), mask
+  return np.where(mask, logits, -np.inf)
 
 
 def attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal=True, scale=None):
-  """Returns (out [B, Lq, Hq, D] float64, lse [B, Lq, Hq] float64)."""
+  """Returns (out [B, L, H, D] float64, lse [B, L, H] float64)."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  logits, mask = _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale)
+  logits = _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale)
   row_max = np.max(logits, axis=-1, keepdims=True)
   row_max = np.where(np.isfinite(row_max), row_max, 0.0)
   weights = np.exp(logits - row_max)  # exactly 0 where masked
@@ -46,7 +48,7 @@ def attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal=True, scale=None)
     lse = np.where(total > 0, np.log(total) + row_max, -np.inf)[..., 0]
   group = q.shape[2] // k.shape[2]
   v = np.repeat(np.asarray(v, np.float64), group, axis=2)
-  out = np.einsum("bhqk,bkhd->bqhd", probs, v)
+  out = np.einsum("bhls,bshd->blhd", probs, v)
   return out, lse.transpose(0, 2, 1)
 
 
@@ -56,19 +58,19 @@ def attention_grads(q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout, *, causal=True,
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   batch, kv_len, kv_heads, head_dim = k.shape
   group = q.shape[2] // kv_heads
-  logits, _ = _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale)
+  logits = _scores(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, scale)
   out, lse = attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal, scale=scale)
-  lse_bhq = lse.transpose(0, 2, 1)[..., None]
-  probs = np.where(np.isfinite(lse_bhq), np.exp(logits - np.where(np.isfinite(lse_bhq), lse_bhq, 0.0)), 0.0)
+  lse_bhl = lse.transpose(0, 2, 1)[..., None]
+  probs = np.where(np.isfinite(lse_bhl), np.exp(logits - np.where(np.isfinite(lse_bhl), lse_bhl, 0.0)), 0.0)
   dout = np.asarray(dout, np.float64)
   v_rep = np.repeat(np.asarray(v, np.float64), group, axis=2)
   k_rep = np.repeat(np.asarray(k, np.float64), group, axis=2)
-  dv_rep = np.einsum("bhqk,bqhd->bkhd", probs, dout)
-  dprobs = np.einsum("bqhd,bkhd->bhqk", dout, v_rep)
-  delta = np.einsum("bqhd,bqhd->bhq", dout, out)[..., None]
+  dv_rep = np.einsum("bhls,blhd->bshd", probs, dout)
+  dprobs = np.einsum("blhd,bshd->bhls", dout, v_rep)
+  delta = np.einsum("blhd,blhd->bhl", dout, out)[..., None]
   dlogits = probs * (dprobs - delta)
-  dq = np.einsum("bhqk,bkhd->bqhd", dlogits, k_rep) * scale
-  dk_rep = np.einsum("bhqk,bqhd->bkhd", dlogits, np.asarray(q, np.float64)) * scale
+  dq = np.einsum("bhls,bshd->blhd", dlogits, k_rep) * scale
+  dk_rep = np.einsum("bhls,blhd->bshd", dlogits, np.asarray(q, np.float64)) * scale
   # Sum the gradients of the q heads that share a kv head.
   dk = dk_rep.reshape(batch, kv_len, kv_heads, group, head_dim).sum(3)
   dv = dv_rep.reshape(batch, kv_len, kv_heads, group, head_dim).sum(3)
