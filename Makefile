@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo ring-check test test-slow bench clean
+.PHONY: demo ring-check test test-slow fault-check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Every fault of tests/test_faults.py (damaged checkpoints, locks, cut metrics, changed
+# corpus, signals) plus the kill/resume tests of tests/test_train.py (~10 min).
+fault-check: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" tests/test_faults.py tests/test_train.py
 
 clean:
 	rm -rf $(VENV)

@@ -69,7 +69,7 @@ def train(config, workdir: str, named: set[str]) -> dict:
   from model import checkpoint as ckpt_lib, inherit
   from model.config import AttentionConfig, ModelConfig
   from parallel import mesh as mesh_lib, sharding
-  from training import peak, prefetch, state as state_lib, steps as steps_lib
+  from training import metrics, peak, prefetch, state as state_lib, steps as steps_lib
 
   lead = jax.process_index() == 0
   try:
@@ -162,8 +162,20 @@ def train(config, workdir: str, named: set[str]) -> dict:
           "(checkpoint.fresh_start_if_damaged=True)", file=sys.stderr, flush=True)
     restored = None
     train_iter = pipeline.Batches(train_docs, tokenizer, seed=config.seed, **data_options)
+  corpus = pipeline.fingerprint(files)
   if restored:
-    start_step, params, opt_state, _ = restored
+    start_step, params, opt_state, restored_meta = restored
+    changes = pipeline.corpus_changes(restored_meta.get("corpus", corpus), corpus)
+    if changes and not config.data.allow_corpus_change:
+      checkpointer.close()
+      shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3
+                                         else "")
+      cli.fail(f"the corpus changed since checkpoint {start_step} was saved ({shown}): the data "
+               "iterator's position there would now mean other tokens. Restore the files, or "
+               "re-run with --config.data.allow_corpus_change=True to resume on the new corpus")
+    if changes and lead:
+      print(f"warning: resuming on a changed corpus ({len(changes)} files differ; "
+            "data.allow_corpus_change=True)", file=sys.stderr, flush=True)
     if lead:
       print(f"resumed from step {start_step}", flush=True)
   elif config.init_from:
@@ -199,7 +211,8 @@ def train(config, workdir: str, named: set[str]) -> dict:
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   peak_flops = peak.peak_flops_per_device(mesh, model_config.dtype)
   flops_per_token = model_config.flops_per_token(config.data.seq_len)
-  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
+  metrics_file = metrics.open_for_append(os.path.join(workdir, "metrics.jsonl")) \
+      if lead else None
   tensorboard = None
   if lead and config.log.tensorboard:
     try:
@@ -207,7 +220,7 @@ def train(config, workdir: str, named: set[str]) -> dict:
     except ImportError:
       cli.fail("log.tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'")
     tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-  meta = {"config": resolved}
+  meta = {"config": resolved, "corpus": corpus}
   # The batch of the next step is read, laid out and put on the mesh while a step runs;
   # checkpoints save the iterator's state after the batches the steps consumed.
   batches = prefetch.Prefetch(train_iter, put)

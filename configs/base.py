@@ -38,6 +38,9 @@ def get_config():
                                      # first_fit (a document that fits a row stays whole)
   config.data.bad_lines = "error"    # a .jsonl line that cannot be read: error (stop, naming
                                      # file and line) or skip (count it, warn, go on)
+  config.data.allow_corpus_change = False  # resume although data.files changed since the
+                                           # checkpoint (the iterator's position then means
+                                           # other tokens); False stops, naming the files
   config.data.passkey_fraction = 0.0  # share of the training documents that are synthetic
                                       # passkey documents (data/passkey.py); [0, 1)
 

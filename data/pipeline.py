@@ -34,6 +34,7 @@ import glob
 import json
 import os
 import sysconfig
+import zlib
 
 import grain
 import numpy as np
@@ -117,6 +118,24 @@ def load_documents(files, bad_lines: str = "error", skipped: list | None = None)
   if not documents:
     raise ValueError(f"data.files: the {len(files)} files hold no text")
   return documents
+
+
+def fingerprint(files) -> dict[str, str]:
+  """{path: "<bytes>:<crc32>"} of the corpus files: saved with every checkpoint, so a
+  resumed run can tell whether its data iterator's position still means the same tokens."""
+  prints = {}
+  for path in files:
+    with open(path, "rb") as f:
+      data = f.read()
+    prints[os.path.abspath(path)] = f"{len(data)}:{zlib.crc32(data):08x}"
+  return prints
+
+
+def corpus_changes(saved: dict, current: dict) -> list[str]:
+  """What differs between two fingerprints: "<path> changed|removed|added"."""
+  changes = [f"{path} {'changed' if path in current else 'removed'}"
+             for path, value in saved.items() if current.get(path) != value]
+  return changes + [f"{path} added" for path in current if path not in saved]
 
 
 def split(documents):

@@ -3,11 +3,11 @@
 A model extended, evaluated or served from a checkpoint keeps the checkpoint's shape,
 data files and tokenizer; the caller's config decides only what it sets: fields named
 on the command line, or set by its config file to something other than
-the default (configs/base.py, whose model section is model/config.py's defaults).
+the default (model/config.py's).
 """
 
 from core.errors import ConfigError
-from model.config import ModelConfig
+from model.config import ModelConfig, defaults as defaults_of
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -37,12 +37,13 @@ def extension_settings(config, saved: dict, named: set[str]) -> tuple[dict, str]
 
   The model's shape comes from the checkpoint. Its other fields (RoPE, max_seq_len,
   dtypes, remat) and data.files come from the checkpoint as well, unless this run
-  sets them: on the command line (`named`) or in its config file (a value other than
-  configs/base.py's). A scaling factor of 0 becomes new length / trained length, and
-  original_max_len the trained length (the original one, through earlier extensions).
+  sets them: on the command line (`named`) or in its config file (a model field other
+  than its default in model/config.py, data.files other than "", which means "the
+  default corpus" and so, here, the checkpoint's). A scaling factor of 0 becomes new
+  length / trained length, and original_max_len the trained length (the original one,
+  through earlier extensions).
   """
-  from configs import base
-  defaults = _flat(base.get_config().to_dict())
+  defaults = _flat({"model": defaults_of(ModelConfig), "data": {"files": ""}})
   current = _flat(config.to_dict())
   chosen = lambda field: field in named or current.get(field) != defaults.get(field)
   model = ModelConfig.from_dict(saved["model"]).to_dict()

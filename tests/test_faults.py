@@ -1,15 +1,23 @@
-"""Faults a run meets on a pod, each followed by the same command: a damaged checkpoint
-is set aside and the step saved again, a second run on a workdir is refused, a bad
-corpus line is named by file and line (or skipped when the user says so)."""
+"""Faults a run meets on a pod, each followed by the same command, which must end with
+exit 0 and the uninterrupted run's losses (or stop with one message naming what to do):
+a damaged checkpoint (flipped bytes, a truncated array, missing metadata, an empty
+directory, another model's) is set aside and the step saved again; every checkpoint
+damaged; a second run on a workdir; a metrics line cut by a kill; a corpus changed
+between runs; a bad corpus line; SIGTERM twice. (kill -9 and SIGTERM during a run:
+tests/test_train.py; a dead process of two: tests/test_multihost.py.)
+
+`make fault-check` runs them all; the default test run leaves the slow ones out."""
 
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.test_train import FAST, ROOT, losses, run_train
@@ -42,9 +50,41 @@ def copy_run(source, target):
   return str(target)
 
 
-def test_a_damaged_newest_checkpoint_is_set_aside_and_saved_again(finished, tmp_path):
+def truncate_array(step_dir):
+  files = sorted(f for f in glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True)
+                 if os.path.isfile(f) and os.path.getsize(f) > 256 and "/d/" in f)
+  with open(files[0], "r+b") as f:
+    f.truncate(os.path.getsize(files[0]) // 2)
+
+
+def remove_meta(step_dir):
+  shutil.rmtree(os.path.join(step_dir, "meta"))
+
+
+def empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.makedirs(step_dir)
+
+
+def another_model(step_dir):
+  """The step replaced by a (parameter-only) checkpoint of another model's shapes."""
+  from model import checkpoint as ckpt_lib
+  shutil.rmtree(step_dir)
+  rng = np.random.default_rng(0)
+  ckpt_lib.save_params(step_dir, {"embed": rng.standard_normal((64, 16)),
+                                  "lm_head": rng.standard_normal((64, 16))}, {"step": 8})
+
+
+DAMAGE = {"flipped bytes": flip_bytes, "truncated array": truncate_array,
+          "missing metadata": remove_meta, "empty directory": empty,
+          "another model": another_model}
+
+
+@pytest.mark.parametrize("damage", [
+    "flipped bytes", *(pytest.param(name, marks=pytest.mark.slow) for name in list(DAMAGE)[1:])])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_saved_again(finished, tmp_path, damage):
   workdir = copy_run(finished[0], tmp_path)
-  flip_bytes(os.path.join(workdir, "checkpoints", "8"))
+  DAMAGE[damage](os.path.join(workdir, "checkpoints", "8"))
   result = run_train(workdir, *STEPS)  # (exit 0, or run_train raises)
   assert "resumed from step 4" in result.stdout
   assert "moved it to" in result.stderr and "8.damaged" in result.stderr
@@ -54,6 +94,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_saved_again(finished, tmp_
   run_train(workdir, *STEPS)  # and the next re-run finds a good newest step
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_stops_unless_told_to_start_over(finished, tmp_path):
   workdir = copy_run(finished[0], tmp_path)
   for step in (4, 8):
@@ -107,3 +148,56 @@ def test_a_bad_corpus_line_is_named_or_skipped(tmp_path):
   assert "2 bad corpus lines skipped" in result.stdout
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     assert [json.loads(line)["skipped_corpus_lines"] for line in f] == [2, 2]
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_and_the_file_stays_whole(finished, tmp_path):
+  workdir = copy_run(finished[0], tmp_path)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n" + '{"step": 8, "lo')  # cut mid-line
+  run_train(workdir, "--config.train.steps=10", "--config.checkpoint.every=4",
+            "--config.train.warmup_steps=2")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]  # every line whole
+  assert [r["step"] for r in records] == [7, 9, 10]
+
+
+@pytest.mark.slow
+def test_a_changed_corpus_stops_the_resume_naming_the_file(tmp_path):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(12):
+    (corpus / f"{i}.txt").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n"
+                                             for j in range(200)))
+  files, small = f"--config.data.files={corpus}/*.txt", "--config.model.vocab_size=300"
+  workdir = str(tmp_path / "run")
+  run_train(workdir, files, small, "--config.train.steps=2", "--config.checkpoint.every=2")
+  (corpus / "3.txt").write_text("changed\n" * 500)
+  result = run_train(workdir, files, small, "--config.train.steps=4", check=False)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert f"{corpus}/3.txt changed" in result.stderr
+  assert "--config.data.allow_corpus_change=True" in result.stderr
+  result = run_train(workdir, files, small, "--config.train.steps=4",
+                     "--config.data.allow_corpus_change=True")
+  assert "resumed from step 2" in result.stdout and "changed corpus" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_twice_saves_once_and_the_rerun_finishes(finished, tmp_path):
+  workdir = str(tmp_path)
+  process = subprocess.Popen(
+      [sys.executable, "train.py", f"--workdir={workdir}", *FAST, *STEPS],
+      cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 2:
+      break
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0 and "stopped by signal" in out, err[-2000:]
+  run_train(workdir, *STEPS)
+  assert [losses(workdir)[s] for s in range(5, 9)] == [finished[1][s] for s in range(5, 9)]

@@ -36,17 +36,27 @@ def test_no_library_imports_an_entry_point():
   assert not offences, "\n".join(offences)
 
 
+# The layers of docs/design.md, "Architecture": what each package may import of ringlm.
+LAYERS = {"core": set(), "data": set(), "parallel": {"core"}, "model": {"core", "parallel"},
+          "training": {"core", "parallel", "model", "data"},
+          "serving": {"core", "parallel", "model", "data"}, "configs": {"model"},
+          "cli": {"core", "parallel"}}
+
+
+def test_every_package_imports_only_the_layers_below_it():
+  own = set(LAYERS) | set(ENTRY_POINTS)
+  offences = [f"{os.path.relpath(path, ROOT)} imports {module}"
+              for package, allowed in LAYERS.items() for path in python_files(package)
+              for module in imported_modules(path)
+              if module.split(".")[0] in own - allowed - {package}]
+  assert not offences, "\n".join(offences)
+
+
 def test_the_import_scan_sees_an_offence(tmp_path):
   """(The scan above can fail: a file that imports serve and tools.x is caught.)"""
   path = tmp_path / "offender.py"
   path.write_text("def f():\n  import serve\n  from tools import evaluation\n")
   assert {"serve", "tools", "tools.evaluation"} <= set(imported_modules(str(path)))
-
-
-def test_the_leaf_package_imports_nothing_of_ringlm():
-  own = set(LIBRARIES) | set(ENTRY_POINTS)
-  for path in python_files("core"):
-    assert not [m for m in imported_modules(path) if m.split(".")[0] in own], path
 
 
 def test_base_config_takes_the_model_defaults_from_the_dataclasses():

@@ -29,8 +29,9 @@ def run_train(workdir, *extra, check=True, **kwargs):
 def losses(workdir):
   """{step: loss} from metrics.jsonl; a step logged twice (before and after a resume)
   keeps its last value."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {record["step"]: record["loss"] for record in map(json.loads, f)}
+  from training import metrics
+  return {record["step"]: record["loss"]
+          for record in metrics.read(os.path.join(workdir, "metrics.jsonl"))}
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,15 @@ def main(argv=None):
         raise ConversionError(str(error)) from None
   except ConversionError as error:
     return fail(str(error))
-  print(f"wrote {args.out}")
+  import cli
+  if args.to_hf:
+    cli.summary([f"wrote {args.out} (config.json, safetensors, tokenizer files)",
+                 f"next: transformers.AutoModelForCausalLM.from_pretrained({args.out!r})"])
+  else:
+    cli.summary([f"wrote {args.out} (a ringlm run: config.json, assets/, checkpoints/0)",
+                 f"next: python -m tools.eval_ppl --checkpoint={args.out}   or   "
+                 f"python train.py --config=configs/extend.py --workdir=NEW "
+                 f"--config.init_from={args.out} --config.data.seq_len=LONGER"])
   return 0
 
 
