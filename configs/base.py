@@ -76,7 +76,8 @@ def get_config():
   config.serve.batch_size = 32       # most requests decoded together (rows of one batch)
   # Mesh when no --config.mesh.* is given: sequence (all devices on the ring: long
   # prompts, the KV cache spread over devices) | batch (all devices on data: many short
-  # requests) | auto (sequence when a request needs serve.long_context tokens or more).
+  # requests; one device on a CPU host) | auto (sequence when a request needs
+  # serve.long_context tokens or more).
   config.serve.cache_sharding = "auto"
   config.serve.long_context = 8192
   config.serve.min_bucket = 16       # shortest prompt bucket; buckets are powers of two

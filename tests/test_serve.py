@@ -238,6 +238,9 @@ def test_bad_lines_get_errors_and_the_rest_is_served(checkpoint_dir, tmp_path):
   for key in ("prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "compile_s",
               "wall_s", "peak_memory_bytes"):
     assert report[key] > 0, key
+  # short requests on a CPU host: one device, and the report says why
+  assert sorted(report["mesh"].values()) == [1, 1, 1, 1] and "one device" in report["mesh_reason"]
+  assert "mesh: CPU and no request of serve.long_context=" in result.stdout
 
 
 def test_missing_checkpoint_or_input_is_one_clear_error(checkpoint_dir, tmp_path):
@@ -263,3 +266,13 @@ def test_a_checkpoint_without_tokenizer_serves_token_prompts(checkpoint_dir, tmp
   served, refused = [json.loads(line) for line in output.read_text().splitlines()]
   assert served["completion"] is None and len(served["tokens"]) == 2
   assert "no tokenizer" in refused["error"]
+
+
+def test_a_long_request_puts_every_device_on_the_ring(checkpoint_dir, tmp_path):
+  result, output = run_serve(
+      checkpoint_dir, [b'{"prompt_tokens": [3, 4, 5, 6, 7], "max_tokens": 2}\n'], tmp_path,
+      "--config.serve.long_context=4")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stderr.strip().splitlines()[-1])
+  assert report["mesh"]["sequence"] == 2 and len(json.loads(output.read_text())["tokens"]) == 2
+  assert "a request of 7 tokens >= serve.long_context=4" in report["mesh_reason"]
