@@ -25,10 +25,15 @@ def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
 
 
 def to_zigzag(x, num_shards: int, axis: int = 1):
-  """Reorders `x` (NumPy or jax array) along `axis` (the sequence axis) into zigzag order."""
+  """Reorders `x` (NumPy or jax array) along `axis` (the sequence axis) into zigzag order;
+  a ring of one device keeps the natural order (any length)."""
+  if num_shards == 1:
+    return x
   return x.take(zigzag_indices(x.shape[axis], num_shards), axis=axis)
 
 
 def from_zigzag(x, num_shards: int, axis: int = 1):
   """Inverse of `to_zigzag`."""
+  if num_shards == 1:
+    return x
   return x.take(np.argsort(zigzag_indices(x.shape[axis], num_shards)), axis=axis)

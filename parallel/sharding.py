@@ -107,7 +107,6 @@ def put_batch(batch: dict, mesh, global_rows: int | None = None, first_row: int 
   zigzag order over the ring (parallel/layout.py) when mesh.sequence > 1. Arguments as
   for `put_rows`."""
   ring = mesh.shape["sequence"]
-  order = (lambda x: layout.to_zigzag(x, ring)) if ring > 1 else (lambda x: x)
-  return {key: put_rows(order(np.asarray(value)), mesh, ("batch", "sequence"), global_rows,
-                        first_row)
+  return {key: put_rows(layout.to_zigzag(np.asarray(value), ring), mesh, ("batch", "sequence"),
+                        global_rows, first_row)
           for key, value in batch.items()}

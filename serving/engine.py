@@ -28,6 +28,7 @@ from parallel import layout, sharding
 from serving.requests import Request, error_record
 from serving.sampling import sample
 
+
 def _bucket(n: int, minimum: int, multiple: int) -> int:
   """The smallest power of two >= max(n, minimum), rounded up to a multiple of `multiple`."""
   size = 1 << max(n - 1, minimum - 1, 0).bit_length()

@@ -44,6 +44,5 @@ class Scorer:
                                 "targets": pad(np.asarray(targets, np.int32))}, self.mesh)
     log_probs, predictions = self._score(self.state, batch["tokens"], batch["positions"],
                                          batch["targets"])
-    natural = (lambda x: layout.from_zigzag(np.asarray(x), self.ring)) if self.ring > 1 \
-        else np.asarray
-    return natural(log_probs)[:rows], natural(predictions)[:rows]
+    return (layout.from_zigzag(np.asarray(log_probs), self.ring)[:rows],
+            layout.from_zigzag(np.asarray(predictions), self.ring)[:rows])

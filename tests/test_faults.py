@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.test_train import FAST, ROOT, losses, run_train
+from tests.test_train import FAST, ROOT, losses, run_train, wait_for_logged_steps
 
 STEPS = ["--config.train.steps=8", "--config.checkpoint.every=4",
          "--config.train.warmup_steps=2"]
@@ -188,12 +188,7 @@ def test_sigterm_twice_saves_once_and_the_rerun_finishes(finished, tmp_path):
       [sys.executable, "train.py", f"--workdir={workdir}", *FAST, *STEPS],
       cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and process.poll() is None:
-    if os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 2:
-      break
-    time.sleep(0.1)
+  wait_for_logged_steps(process, workdir, 2)
   process.send_signal(signal.SIGTERM)
   time.sleep(0.05)
   process.send_signal(signal.SIGTERM)

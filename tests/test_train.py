@@ -26,6 +26,17 @@ def run_train(workdir, *extra, check=True, **kwargs):
   return result
 
 
+def wait_for_logged_steps(process, workdir, count, timeout=300):
+  """Until `workdir`'s metrics.jsonl has `count` lines (the run is past its start-up and
+  its SIGTERM handler is installed), or the process ended."""
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= count:
+      return
+    time.sleep(0.1)
+
+
 def losses(workdir):
   """{step: loss} from metrics.jsonl; a step logged twice (before and after a resume)
   keeps its last value."""
@@ -87,12 +98,7 @@ def test_sigterm_saves_and_the_rerun_finishes(uninterrupted, tmp_path):
           "--config.checkpoint.every=100", "--config.train.warmup_steps=2"]
   process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT),
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and process.poll() is None:
-    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
-      break
-    time.sleep(0.1)
+  wait_for_logged_steps(process, workdir, 3)
   process.send_signal(signal.SIGTERM)
   out, _ = process.communicate(timeout=120)
   assert process.returncode == 0 and "stopped by signal" in out
