@@ -16,6 +16,7 @@ checkpoint is and what to run next.
 """
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -319,11 +320,23 @@ def main(argv):
   except (OSError, AttributeError, ValueError) as error:
     cli.fail(f"--config: {error}")
   named = cli.start()  # (absl has consumed the flags from argv; start reads sys.argv)
+  from model.checkpoint import CheckpointWriteFailed
   with workdir_lock(workdir):
-    if not config.get("stages"):
-      report(train(config, workdir, named), workdir)
-    else:
-      train_stages(config, workdir, named)
+    try:
+      if not config.get("stages"):
+        report(train(config, workdir, named), workdir)
+      else:
+        train_stages(config, workdir, named)
+    except CheckpointWriteFailed as error:
+      cli.fail(f"{error}. {'Free some space' if error.no_space else 'Fix the storage'} and "
+               "re-run the same command: it resumes from the newest complete checkpoint "
+               "with the same losses.")
+    except OSError as error:
+      if error.errno != errno.ENOSPC:
+        raise
+      cli.fail(f"no space left on device writing {error.filename or 'the workdir'}; free some "
+               "space and re-run the same command: it resumes from the newest complete "
+               "checkpoint with the same losses.")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ its one-line errors. Libraries never import this package.
     app.run(main, flags_parser=cli.parse_flags)
 """
 
+import glob
 import logging
 import os
 import sys
@@ -25,6 +26,27 @@ FLAGS = flags.FLAGS
 
 # Libraries whose INFO logs a user does not need (--verbose brings them back).
 _QUIET_LOGGERS = ("absl", "jax", "orbax", "grain", "etils", "tensorstore", "jax._src")
+
+
+def _not_from_orbax(record: logging.LogRecord) -> bool:
+  """Drops orbax's own log lines (it logs through absl): every failed asynchronous save or
+  restore is logged, with tracebacks, from each of its threads, and the program then says
+  in one message which step failed and what to do (model/checkpoint.py, train.py)."""
+  return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _drop_closed_loop_tracebacks():
+  """sys.unraisablehook minus tensorstore's "RuntimeError: Event loop is closed": when an
+  orbax save or restore fails, its asyncio loop closes while tensorstore still has
+  callbacks pending, and each prints that traceback. They say nothing the error reported
+  does not."""
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      default_hook(unraisable)
+  sys.unraisablehook = hook
 
 
 def fail(message: str):
@@ -66,6 +88,33 @@ def define_flags(*, multihost: bool = False):
                       "cluster's own discovery (automatic on TPU VMs and under SLURM).")
 
 
+def tpu_attached() -> bool:
+  """Whether this host has a TPU chip on its PCI bus (Google's vendor id, as JAX checks)."""
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      if open(vendor).read().strip() == "0x1ae0":
+        return True
+    except OSError:
+      pass
+  return False
+
+
+def pin_platforms() -> None:
+  """With libtpu installed (the `tpu` extra, for compiling TPU programs here) on a host
+  with no TPU, JAX would probe for one at its first call: libtpu prints warnings, and the
+  process holds libtpu's lockfile for its whole life, which makes a concurrent TPU
+  compilation (tools/aot.py) fail. Such a host runs on its CPU (and GPU, with a CUDA
+  plugin). JAX_PLATFORMS, when set, decides instead. Compile-only TPU devices
+  (docs/tpu.md) work either way."""
+  import importlib.util
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None \
+      or tpu_attached():
+    return
+  import jax
+  cuda = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+  jax.config.update("jax_platforms", "cuda,cpu" if cuda else "cpu")
+
+
 def verbose() -> bool:
   return "verbose" in FLAGS and FLAGS.verbose
 
@@ -79,7 +128,10 @@ def start() -> set[str]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ INFO/WARNING lines
     for name in _QUIET_LOGGERS:
       logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(_not_from_orbax)
+    _drop_closed_loop_tracebacks()
   import jax
+  pin_platforms()
   if "num_processes" in FLAGS:
     cluster = any(name in os.environ for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
                                                    "TPU_WORKER_ID",

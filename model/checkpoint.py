@@ -53,6 +53,21 @@ class DamagedCheckpoints(Exception):
   """Every checkpoint of a run failed to restore (each was moved aside)."""
 
 
+class CheckpointWriteFailed(Exception):
+  """An asynchronous save did not complete (a full disk, a lost filesystem). The steps
+  saved before it are intact; its partial `<step>.orbax-checkpoint-tmp` directory is
+  removed when the next run starts (orbax's cleanup_tmp_directories)."""
+
+  def __init__(self, step: int, directory: str, cause: Exception, saved: list[int]):
+    reason = (str(cause).splitlines() or [repr(cause)])[0]
+    self.no_space = "No space left on device" in reason or "os_error_code='28'" in reason
+    self.step, self.saved = step, saved
+    newest = f"the newest complete checkpoint is step {max(saved)}" if saved else \
+        "no complete checkpoint was saved"
+    what = "the disk is full" if self.no_space else reason[:300]
+    super().__init__(f"could not write checkpoint {step} in {directory}: {what}; {newest}")
+
+
 def _everyone(ok: bool) -> bool:
   """True when `ok` holds on every process (a step is usable only if all read it)."""
   if jax.process_count() == 1:
@@ -93,9 +108,23 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True))
+    self.writing = None  # the step whose asynchronous save may still be running
+
+  def _finish_writing(self):
+    """Waits for the running save; CheckpointWriteFailed when it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001  (whatever the storage raised)
+      step, self.writing = self.writing, None
+      self.manager.reload()
+      raise CheckpointWriteFailed(step, self.directory, error,
+                                  sorted(self.manager.all_steps())) from error
+    self.writing = None
 
   def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
-    """Starts an asynchronous save of `step` (the data iterator's state is taken now)."""
+    """Starts an asynchronous save of `step` (the data iterator's state is taken now),
+    after the previous one finished; CheckpointWriteFailed when that one failed."""
+    self._finish_writing()
     meta = dict(meta, step=step, checksums={"params": checksums(params),
                                             "opt_state": checksums(opt_state)})
     items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
@@ -104,6 +133,7 @@ class Checkpointer:
       import grain
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.writing = step
 
   def restore_latest(self, params_target, opt_state_target, data_iterator):
     """(step, params, opt_state, meta) of the newest step that restores and verifies, or
@@ -149,8 +179,11 @@ class Checkpointer:
       return None, (str(error).splitlines() or [repr(error)])[0][:300]
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the running save (CheckpointWriteFailed when it failed) and closes."""
+    try:
+      self._finish_writing()
+    finally:
+      self.manager.close()
 
 
 def find_step_dir(path: str) -> str:

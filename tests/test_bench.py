@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_every_benchmark_quick(tmp_path):
   out = tmp_path / "all.json"
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)

@@ -162,6 +162,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow
 def test_progressive_schedule_resumes_after_a_kill(source, tmp_path):
   config_file = tmp_path / "schedule.py"
   config_file.write_text(PROGRESSIVE)

@@ -3,8 +3,9 @@ exit 0 and the uninterrupted run's losses (or stop with one message naming what 
 a damaged checkpoint (flipped bytes, a truncated array, missing metadata, an empty
 directory, another model's) is set aside and the step saved again; every checkpoint
 damaged; a second run on a workdir; a metrics line cut by a kill; a corpus changed
-between runs; a bad corpus line; SIGTERM twice. (kill -9 and SIGTERM during a run:
-tests/test_train.py; a dead process of two: tests/test_multihost.py.)
+between runs; a bad corpus line; SIGTERM twice; kill -9 and SIGTERM in the middle of an
+asynchronous save; a full disk. (kill -9 and SIGTERM between saves: tests/test_train.py;
+a dead process of two, between and during saves: tests/test_multihost.py.)
 
 `make fault-check` runs them all; the default test run leaves the slow ones out."""
 
@@ -24,6 +25,24 @@ from tests.test_train import FAST, ROOT, losses, run_train, wait_for_logged_step
 
 STEPS = ["--config.train.steps=8", "--config.checkpoint.every=4",
          "--config.train.warmup_steps=2"]
+
+
+def start_train(workdir, *extra, **kwargs):
+  return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *FAST, *extra],
+                          cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT),
+                          **kwargs)
+
+
+def wait_for_save_in_progress(processes, workdir, step, timeout=300):
+  """Polls (every ~1 ms) until orbax's temporary directory of `step`'s save exists, i.e. the
+  asynchronous save has started and not committed; asserts it was seen."""
+  directory, partial = os.path.join(workdir, "checkpoints"), f"{step}.orbax-checkpoint-tmp"
+  deadline = time.time() + timeout
+  while time.time() < deadline and all(p.poll() is None for p in processes):
+    if os.path.isdir(directory) and partial in os.listdir(directory):
+      return
+    time.sleep(0.001)
+  raise AssertionError(f"never saw step {step}'s save in progress")
 
 
 def flip_bytes(step_dir):
@@ -196,3 +215,54 @@ def test_sigterm_twice_saves_once_and_the_rerun_finishes(finished, tmp_path):
   assert process.returncode == 0 and "stopped by signal" in out, err[-2000:]
   run_train(workdir, *STEPS)
   assert [losses(workdir)[s] for s in range(5, 9)] == [finished[1][s] for s in range(5, 9)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
+def test_a_signal_during_an_asynchronous_save(finished, tmp_path, signum):
+  """kill -9 between the save's start and its commit leaves no step 4 (orbax commits by a
+  rename) and the re-run resumes from scratch; SIGTERM lets the save finish, stops after
+  the step in flight with a checkpoint, and the re-run resumes from it. Either way the
+  losses are the uninterrupted run's."""
+  workdir = str(tmp_path)
+  process = start_train(workdir, *STEPS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
+  wait_for_save_in_progress([process], workdir, 4)
+  process.send_signal(signum)
+  out, err = process.communicate(timeout=120)
+  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  if signum == signal.SIGKILL:
+    assert saved == [], saved  # killed before the commit: nothing half-written counts
+  else:
+    assert process.returncode == 0 and "stopped by signal" in out, err[-2000:]
+    assert 4 in saved and max(saved) < 8, saved
+  result = run_train(workdir, *STEPS)
+  assert "Traceback" not in result.stderr
+  if signum == signal.SIGTERM:
+    assert f"resumed from step {max(saved)}" in result.stdout
+  assert losses(workdir) == finished[1]
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_and_it_resumes_once_space_is_back(finished, tmp_path):
+  """The workdir on a 32 MiB tmpfs: checkpoint 4 (21 MB) fits, checkpoint 8 does not."""
+  if os.geteuid() != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  mount = str(tmp_path / "small-disk")
+  os.makedirs(mount)
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", mount], check=True)
+  try:
+    workdir = os.path.join(mount, "run")
+    result = run_train(workdir, *STEPS, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert ("error: could not write checkpoint 8 in " in result.stderr and
+            "the disk is full; the newest complete checkpoint is step 4. Free some space"
+            in result.stderr), result.stderr[-2000:]
+    subprocess.run(["mount", "-o", "remount,size=128m", mount], check=True)  # space is back
+    result = run_train(workdir, *STEPS)
+    assert "resumed from step 4" in result.stdout
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+    assert losses(workdir) == finished[1]
+  finally:
+    subprocess.run(["umount", mount], check=False)

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from tests.test_faults import wait_for_save_in_progress
 from tests.test_train import FAST, ROOT, losses, run_train
 
 STEPS = ["--config.train.steps=6", "--config.checkpoint.every=3"]
@@ -50,6 +53,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_other_and_the_rerun_resumes(tmp_path):
   workdir = str(tmp_path)
   processes = _start_pair(workdir)
@@ -72,3 +76,29 @@ def test_a_dead_process_stops_the_other_and_the_rerun_resumes(tmp_path):
   outputs = _finish(_start_pair(workdir))
   assert "resumed from step" in outputs[0]
   assert max(losses(workdir)) == 6
+
+
+@pytest.mark.slow
+def test_a_process_killed_during_a_save_and_both_rerun(tmp_path):
+  """kill -9 of process 1 between the start and the commit of step 3's save: process 0
+  stops too, and both re-run to the one-process losses (from scratch, or from step 3
+  when process 1 had finished its share before the kill and process 0 committed it)."""
+  single = str(tmp_path / "single")
+  run_train(single, *STEPS)
+  workdir = str(tmp_path / "pair")
+  processes = _start_pair(workdir)
+  wait_for_save_in_progress(processes, workdir, 3)
+  processes[1].kill()
+  try:
+    processes[0].wait(timeout=90)
+  except subprocess.TimeoutExpired:
+    processes[0].kill()
+    raise AssertionError("the surviving process did not exit within 90 s")
+  for process in processes:
+    process.communicate()
+  assert processes[0].returncode != 0
+  _finish(_start_pair(workdir))
+  pair_losses, single_losses = losses(workdir), losses(single)
+  assert sorted(pair_losses) == list(range(1, 7))
+  for step, loss in single_losses.items():
+    assert abs(pair_losses[step] - loss) <= 1e-5 * abs(loss), step

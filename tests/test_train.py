@@ -92,6 +92,7 @@ def test_resume_after_kill_gives_identical_losses(uninterrupted, tmp_path):
   assert [resumed[s] for s in range(9, 13)] == [expected[s] for s in range(9, 13)]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_rerun_finishes(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   args = [sys.executable, "train.py", f"--workdir={workdir}", *FAST, "--config.train.steps=12",
