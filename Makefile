@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo ring-check test test-slow fault-check bench clean
+.PHONY: demo ring-check test test-slow fault-check aot-check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,tpu]'
 	$(PY) -c 'import jax, flax, torch, transformers'  # fail here if the install did not
 	touch $(STAMP)
 
@@ -36,9 +36,17 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # Every fault of tests/test_faults.py (damaged checkpoints, locks, cut metrics, changed
-# corpus, signals) plus the kill/resume tests of tests/test_train.py (~10 min).
+# corpus, signals, a full disk) plus the kill/resume tests of tests/test_train.py and the
+# two-process ones of tests/test_multihost.py (~15 min).
 fault-check: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow" tests/test_faults.py tests/test_train.py
+	$(PY) -m pytest -q -m "slow or not slow" tests/test_faults.py tests/test_train.py tests/test_multihost.py
+
+# The real-size configs' training steps compiled for their TPU slices by the TPU compiler
+# (libtpu, no TPU needed): memory per chip against HBM (docs/tpu.md; ~5 min each here).
+aot-check: $(STAMP)
+	$(PY) -m tools.aot --config=configs/llama3_8b.py:v5p-128
+	$(PY) -m tools.aot --config=configs/llama3_8b.py:v5p-128-1m
+	$(PY) -m tools.aot --config=configs/llama2_7b.py:v5p-128
 
 clean:
 	rm -rf $(VENV)

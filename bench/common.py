@@ -8,7 +8,10 @@ import platform
 import jax
 import jax.numpy as jnp
 
+import cli
 from training.peak import matmul_peak, time_compiled  # noqa: F401  (the benchmarks' too)
+
+cli.pin_platforms()  # CPU, even with libtpu installed (before any benchmark starts JAX)
 
 
 def machine() -> dict:

@@ -28,6 +28,9 @@ def get_config():
   config.mesh.fsdp = 1
   config.mesh.sequence = 1           # ring size: the sequence is split over this axis
   config.mesh.tensor = 1
+  # TPU: a mesh axis that needs a physical axis of the torus split is refused unless
+  # True (the split axis loses its wrap-around link; parallel/mesh.device_grid).
+  config.mesh.allow_split_physical_axes = False
 
   # --- data (data/pipeline.py, data/tokenizer.py) ---
   config.data = ml_collections.ConfigDict()

@@ -92,6 +92,10 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype of activations and matmuls (bfloat16 on TPU/GPU)
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
   remat: str = "none"           # none | full | dots: recompute blocks in the backward pass
+  # Training's output head and loss, this many tokens per device at a time (0: all at
+  # once): the [tokens, V] float32 logits then exist one chunk at a time, recomputed in
+  # the backward pass (model/loss.chunked_target_log_probs).
+  head_chunk: int = 0
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -105,6 +109,8 @@ class ModelConfig:
                         f"{self.n_kv_heads} (grouped-query attention)")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"model.remat={self.remat!r}; use one of none, full, dots")
+    if self.head_chunk < 0:
+      raise ConfigError(f"model.head_chunk={self.head_chunk} must be >= 0 (0: no chunks)")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import rope
+from model import loss, rope
 from model.matmul import project
 from model.config import AttentionConfig, ModelConfig
 from model.kv_cache import KVCache
@@ -210,6 +210,18 @@ class Transformer(nnx.Module):
       return x, tuple(layer_kv)
     return x, dataclasses.replace(cache, keys=tuple(k for k, _ in layer_kv),
                                   values=tuple(v for _, v in layer_kv), step=cache.step + 1)
+
+  def target_log_probs(self, hidden, targets):
+    """log p(target) of every token from the final hidden states (training's loss):
+    hidden [B, L, M] from `forward`, targets [B, L] int32, both sharded (batch,
+    sequence) -> [B, L] float32. With model.head_chunk the [B, L, V] logits are formed
+    one chunk at a time (model/loss.py)."""
+    config = self.config
+    if not config.head_chunk or hidden.shape[1] <= 1:
+      return loss.target_log_probs(self.head(hidden), targets)
+    head = self.embed[...] if config.tie_embeddings else self.lm_head[...]
+    return loss.chunked_target_log_probs(hidden, head, targets, chunk=config.head_chunk,
+                                         mesh=self.mesh, dtype=config.dtype)
 
   def head(self, hidden):
     """hidden [B, L, M] (after the final norm) -> logits [B, L, V] float32."""

@@ -9,6 +9,8 @@ length and batch size together before anything is compiled, and raises one
 import math
 
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from core.errors import ConfigError
@@ -46,14 +48,61 @@ def resolve_axis_sizes(sizes: dict, num_devices: int) -> dict:
 
 
 def make_mesh(sizes: dict | None = None, devices=None) -> Mesh:
-  """A Mesh with axes (data, fsdp, sequence, tensor) from `{axis: size}` (-1 fills).
+  """A Mesh with axes (data, fsdp, sequence, tensor) from the config's mesh section
+  `{axis: size (-1 fills), "allow_split_physical_axes": bool}`.
 
-  Axes are `Auto` (GSPMD propagation); only `parallel/` code names them.
+  On TPU the mesh is laid on the slice's physical torus (`device_grid`). Axes are
+  `Auto` (GSPMD propagation); only `parallel/` code names them.
   """
+  sizes = dict(sizes or {"data": -1})
   devices = jax.devices() if devices is None else list(devices)
-  sizes = resolve_axis_sizes(sizes or {"data": -1}, len(devices))
-  shape = tuple(sizes[axis] for axis in AXES)
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  resolved = resolve_axis_sizes(sizes, len(devices))
+  grid = device_grid(tuple(resolved[axis] for axis in AXES), devices,
+                     allow_split=bool(sizes.get("allow_split_physical_axes", False)))
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def device_grid(shape: tuple, devices: list, *, allow_split: bool = False) -> np.ndarray:
+  """`devices` arranged as `shape` (data, fsdp, sequence, tensor).
+
+  TPU chips sit on a 2D or 3D torus. Each mesh axis must then be a product of whole
+  physical axes: the axes that talk most (tensor, then the ring, `sequence`) get the
+  physical axes first, and a ring on a whole physical axis keeps its wrap-around link.
+  A shape that needs a physical axis split is refused with shapes that fit, unless
+  `allow_split` (mesh.allow_split_physical_axes). Other platforms: the devices in order.
+  """
+  if devices[0].platform != "tpu":
+    return np.asarray(devices).reshape(shape)
+  try:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=allow_split)
+  except (NotImplementedError, ValueError, AssertionError):
+    pass
+  physical = "x".join(str(max(d.coords[i] for d in devices) + 1)
+                      for i in range(len(devices[0].coords)))
+  asked = ", ".join(f"{axis}={size}" for axis, size in zip(AXES, shape) if size > 1)
+  raise ConfigError(
+      f"mesh: {asked} cannot be laid on this TPU slice's {physical} chips without splitting "
+      "a physical axis (each mesh axis must be a product of whole physical axes); shapes "
+      f"that fit: {'; '.join(_shapes_that_fit(shape, devices))}; or set "
+      "--config.mesh.allow_split_physical_axes=True (a split axis loses its wrap-around link)")
+
+
+def _shapes_that_fit(shape: tuple, devices: list, count: int = 3) -> list[str]:
+  """The `count` shapes of the same device count nearest to `shape` that lay out whole."""
+  n = len(devices)
+  candidates = [(a, b, c, n // (a * b * c)) for a in _divisors(n) for b in _divisors(n // a)
+                for c in _divisors(n // (a * b))]
+  distance = lambda other: sum(abs(math.log2(x / y)) for x, y in zip(other, shape))
+  fits = []
+  for other in sorted(candidates, key=distance):
+    try:
+      mesh_utils.create_device_mesh(other, devices)
+    except (NotImplementedError, ValueError, AssertionError):
+      continue
+    fits.append(" ".join(f"mesh.{axis}={size}" for axis, size in zip(AXES, other)))
+    if len(fits) == count:
+      break
+  return fits
 
 
 def validate(model, mesh: Mesh, *, seq_len: int | None = None,
@@ -77,6 +126,12 @@ def validate(model, mesh: Mesh, *, seq_len: int | None = None,
   multiple("model.dim", model.dim, fsdp, "mesh.fsdp")
   if seq_len is not None and sequence > 1:
     multiple("data.seq_len", seq_len, 2 * sequence, "2*mesh.sequence", " (zigzag layout)")
+  chunk = getattr(model, "head_chunk", 0)
+  if seq_len is not None and chunk and (seq_len // sequence) % chunk:
+    local = seq_len // sequence
+    fits = [d for d in _divisors(local) if d >= min(chunk, local) // 4][:4]
+    raise ConfigError(f"model.head_chunk={chunk} must divide the {local} tokens each device "
+                      f"holds (data.seq_len / mesh.sequence); e.g. {' or '.join(map(str, fits))}")
   if batch_size is not None:
     if batch_size < data * fsdp:
       raise ConfigError(f"global batch {batch_size} < data*fsdp = {data * fsdp}: every data "

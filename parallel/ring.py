@@ -29,13 +29,18 @@ from parallel.kernels import xla
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
 
-def kernel_module(impl: str):
-  """The kernel module for `impl`; "auto" picks the Pallas kernel of the backend, XLA on CPU.
+def platform_of(mesh) -> str:
+  """The platform the program is compiled for: its mesh's devices' ("cpu", "tpu", "gpu"),
+  which need not be the process's default backend (a TPU topology's compile-only devices
+  on a CPU host, docs/tpu.md)."""
+  return mesh.devices.flat[0].platform
 
-  Pallas kernels run in interpret mode on CPU (slow; for tests).
-  """
+
+def kernel_module(impl: str, platform: str):
+  """The kernel module for `impl` on `platform` (`platform_of(mesh)`): "auto" picks the
+  platform's Pallas kernel (TPU Mosaic, GPU Triton) and XLA on CPU."""
   if impl == "auto":
-    impl = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "xla")
+    impl = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "xla")
   if impl == "xla":
     return xla
   if impl == "pallas_tpu":
@@ -45,6 +50,12 @@ def kernel_module(impl: str):
     from parallel.kernels import pallas_gpu
     return pallas_gpu
   raise ValueError(f"attention.impl={impl!r} is not available; use one of {IMPLS}")
+
+
+def kernel_options(kernel, platform: str) -> dict:
+  """Options every call of `kernel` on `platform` takes: a Pallas kernel runs compiled on
+  its own platform and in interpret mode elsewhere (CPU: slow, for tests)."""
+  return {} if kernel is xla else {"interpret": platform == "cpu"}
 
 
 def _fit(size, length):
@@ -82,15 +93,16 @@ def _around_the_ring(kv_block, state, visit, *, axis, ring_size):
   return visit(kv_block, state)  # the last block: nothing left to send
 
 
-def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, causal, scale,
-                block_q, block_kv):
+def _local_ring(q, k, v, positions, segment_ids, *, kernel, kernel_opts, axis, ring_size,
+                causal, scale, block_q, block_kv):
   """The per-device ring (runs inside shard_map); differentiable through its custom VJP."""
   ring = functools.partial(_around_the_ring, axis=axis, ring_size=ring_size)
   # Unset block sizes: the kernel's default, halved until it divides the local half, so
   # no block straddles the two chunks a device holds in zigzag order (a straddling
   # block could rarely be skipped).
   half = q.shape[1] // 2 if ring_size > 1 else q.shape[1]
-  opts = dict(causal=causal, scale=scale, block_q=block_q or _fit(kernel.BLOCK_Q, half),
+  opts = dict(kernel_opts, causal=causal, scale=scale,
+              block_q=block_q or _fit(kernel.BLOCK_Q, half),
               block_kv=block_kv or _fit(kernel.BLOCK_KV, half))
 
   def forward(q, k, v, positions, segment_ids):
@@ -116,16 +128,17 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, axis, ring_size, cau
     q, k, v, positions, segment_ids, out, lse = residuals
 
     def grads(kv_block, state):
-      dq, dk, dv = state
+      dq, dkv = state
       k, v, kv_pos, kv_seg = kv_block
       dq_s, dk_s, dv_s = kernel.block_attention_bwd(q, k, v, positions, kv_pos, segment_ids,
                                                     kv_seg, out, lse, dout, **opts)
-      # The accumulators follow their block (after the last block: the hop home).
-      dk, dv = lax.ppermute((dk + dk_s, dv + dv_s), axis, _to_next(ring_size))
-      return dq + dq_s, dk, dv
+      # The accumulators follow their block (after the last block: the hop home), dK and
+      # dV as one array [2, B, S, K, D]: one transfer, issued before the dQ kernel.
+      dkv = lax.ppermute(dkv + jnp.stack([dk_s, dv_s]), axis, _to_next(ring_size))
+      return dq + dq_s, dkv
 
-    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-    dq, dk, dv = ring((k, v, positions, segment_ids), (zeros(q), zeros(k), zeros(v)), grads)
+    zeros = jnp.zeros(q.shape, jnp.float32), jnp.zeros((2, *k.shape), jnp.float32)
+    dq, (dk, dv) = ring((k, v, positions, segment_ids), zeros, grads)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
   attention.defvjp(attention_fwd, attention_bwd)
@@ -143,8 +156,8 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
     segment_ids: [B, L] int32 document ids of packed rows, or None (one document).
     causal: a query sees keys with kv_pos <= q_pos (and the same segment id).
     mesh: the Mesh; `axis` is its ring axis. scale defaults to D**-0.5.
-    impl: kernel implementation (one of IMPLS); block_q/block_kv: kernel block sizes
-      (None: the kernel's default).
+    impl: kernel implementation (one of IMPLS; "auto": the mesh's platform's, see
+      kernel_module); block_q/block_kv: kernel block sizes (None: the kernel's default).
   Returns:
     [B, L, H, D] in q.dtype, sharded like q. Rows that see no key are 0.
   """
@@ -155,8 +168,11 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
   q_spec = jax.P(batch_axes, axis, sharding.RULES["heads"], None)
   kv_spec = jax.P(batch_axes, axis, sharding.RULES["kv_heads"], None)
   token_spec = jax.P(batch_axes, axis)
+  platform = platform_of(mesh)
+  kernel = kernel_module(impl, platform)
   local = functools.partial(
-      _local_ring, kernel=kernel_module(impl), axis=axis, ring_size=mesh.shape[axis],
+      _local_ring, kernel=kernel, kernel_opts=kernel_options(kernel, platform), axis=axis,
+      ring_size=mesh.shape[axis],
       causal=causal, scale=scale, block_q=block_q, block_kv=block_kv)
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, token_spec,
                                                    token_spec), out_specs=q_spec,

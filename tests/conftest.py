@@ -10,8 +10,10 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import cli  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 
+cli.pin_platforms()  # CPU, even with libtpu installed (the `tpu` extra)
 assert jax.device_count() == 8, "tests need 8 virtual devices; was jax started before conftest?"
 
 # The meshes every multi-device test runs on: the ring alone, with data, with tensor

@@ -8,6 +8,7 @@ from flax import nnx
 
 from model import transformer
 from model.config import AttentionConfig, ModelConfig
+from parallel import sharding
 from training.optimizer import make_optimizer
 
 
@@ -38,9 +39,40 @@ def init_state(model_config: ModelConfig, train_config, mesh, seed: int,
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)
   tx, schedule = make_optimizer(train_config, params)
-  opt_state = jax.jit(tx.init)(params)
-  replicated = jax.NamedSharding(mesh, jax.P())  # scalars (step counts) live on every device
-  opt_state = jax.device_put(opt_state, jax.tree.map(
-      lambda x: x.sharding if isinstance(x.sharding, jax.NamedSharding) else replicated,
-      opt_state))
+  # Sharded like the parameters (left to itself, XLA replicates the zeros of AdamW's
+  # moments on every device: 2x the parameters' bytes on each).
+  shardings = jax.tree.map(lambda x: x.sharding, _like_params(jax.eval_shape(tx.init, params),
+                                                              params, mesh))
+  opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
   return TrainState(graphdef, params, opt_state, tx, schedule)
+
+
+def abstract_state(model_config: ModelConfig, train_config, mesh,
+                   attention: AttentionConfig = AttentionConfig()) -> TrainState:
+  """The TrainState `init_state` would create, as jax.ShapeDtypeStructs with their
+  shardings: nothing is allocated, so `mesh` may hold devices this host does not have
+  (compile-only TPU devices, tools/aot.py); shardings as `init_state` gives them."""
+  make = lambda: transformer.Transformer(model_config, mesh, attention, rngs=nnx.Rngs(0))
+  graphdef, shapes = nnx.split(nnx.eval_shape(make))
+  shardings = nnx.to_pure_dict(sharding.param_shardings(shapes, mesh))
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(shapes), shardings)
+  tx, schedule = make_optimizer(train_config, params)
+  return TrainState(graphdef, params, _like_params(jax.eval_shape(tx.init, params), params,
+                                                   mesh), tx, schedule)
+
+
+def _like_params(opt_shapes, params, mesh):
+  """The optimizer state's shapes with shardings: a leaf that mirrors a parameter (AdamW's
+  mu and nu: the parameter's path is the tail of its path) is sharded like it, the rest
+  (step counts) replicated."""
+  by_path = {tuple(path): leaf.sharding
+             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  replicated = jax.NamedSharding(mesh, jax.P())
+
+  def place(path, leaf):
+    found = next((s for p, s in by_path.items() if len(p) <= len(path)
+                  and tuple(path[-len(p):]) == p), replicated)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                sharding=found if leaf.ndim else replicated)
+  return jax.tree_util.tree_map_with_path(place, opt_shapes)

@@ -11,7 +11,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from model.loss import target_log_probs
 
 
 def new_counters(mesh) -> dict:
@@ -42,9 +41,9 @@ def make_steps(graphdef, tx, grad_accum: int, state_shardings):
 
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden, _ = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
     real = (batch["segment_ids"] > 0).astype(jnp.float32)  # 0: padding
-    return -(target_log_probs(logits, batch["targets"]) * real).sum(), real.sum()
+    return -(model.target_log_probs(hidden, batch["targets"]) * real).sum(), real.sum()
 
   def train_step(params, opt_state, counters, batch):
     def micro(carry, micro_batch):

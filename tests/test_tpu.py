@@ -1,0 +1,193 @@
+"""Compiled by the real TPU compiler on this CPU host (libtpu, the `tpu` extra): the
+Pallas kernels through Mosaic for four generations, the ring's schedule, the model's
+kernel choice, and meshes laid on the torus. See docs/tpu.md."""
+
+import importlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from core.errors import ConfigError
+from parallel import mesh as mesh_lib, ring, topology
+from parallel.kernels import pallas_tpu
+
+# (head dim, dtype, query heads per kv head): every generation compiles each.
+KERNEL_CASES = [(64, jnp.float32, 1), (128, jnp.bfloat16, 4), (256, jnp.bfloat16, 8),
+                (128, jnp.float32, 8)]
+GENERATIONS = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+
+
+def _abstract(sharding, *shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"d{c[0]}-{c[1].dtype.name}-gqa{c[2]}")
+@pytest.mark.parametrize("generation", list(GENERATIONS))
+def test_kernels_compile_with_mosaic(generation, case):
+  """Forward, dK/dV and dQ at the default blocks (512), 1000 tokens (not a multiple of the
+  block), two kv heads: Mosaic accepts them (VMEM, layouts) and the program holds the
+  compiled kernels, not an interpreted loop."""
+  head_dim, dtype, group = case
+  device = topology.devices(GENERATIONS[generation])[0]
+  array = lambda *shape, dtype=dtype: _abstract(jax.sharding.SingleDeviceSharding(device),
+                                                *shape, dtype=dtype)
+  q, kv = array(1, 1000, 2 * group, head_dim), array(1, 1000, 2, head_dim)
+  tokens = [array(1, 1000, dtype=jnp.int32)] * 4
+  opts = dict(causal=True, scale=head_dim ** -0.5, interpret=False)
+  forward = jax.jit(lambda q, k, v, *t: pallas_tpu.block_attention(q, k, v, *t, **opts))
+  hlo = forward.lower(q, kv, kv, *tokens).compile().as_text()
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 1
+  backward = jax.jit(lambda q, k, v, *rest: pallas_tpu.block_attention_bwd(q, k, v, *rest, **opts))
+  lse = array(1, 1000, 2 * group, dtype=jnp.float32)
+  hlo = backward.lower(q, kv, kv, *tokens, q, lse, q).compile().as_text()
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 2
+
+
+def _ring_program(mesh, length=8192, heads=8, kv_heads=2, head_dim=128, impl="auto"):
+  """The compiled forward and backward of ring attention over `mesh`'s sequence axis."""
+  batch_axes = mesh_lib.AXES[:2]
+  spec = jax.sharding.NamedSharding
+  q = _abstract(spec(mesh, jax.P(batch_axes, "sequence", "tensor", None)), 1, length, heads,
+                head_dim, dtype=jnp.bfloat16)
+  kv = _abstract(spec(mesh, jax.P(batch_axes, "sequence", "tensor", None)), 1, length,
+                 kv_heads, head_dim, dtype=jnp.bfloat16)
+  positions = _abstract(spec(mesh, jax.P(batch_axes, "sequence")), 1, length, dtype=jnp.int32)
+
+  def loss(q, k, v, positions):
+    out = ring.ring_attention(q, k, v, positions=positions, mesh=mesh, impl=impl)
+    return out.astype(jnp.float32).sum()
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, positions).compile()
+
+
+def test_a_tpu_mesh_gets_mosaic_kernels_from_a_cpu_host():
+  """impl=auto follows the mesh's devices, not the process' default backend (CPU here)."""
+  assert jax.default_backend() == "cpu"
+  mesh = mesh_lib.make_mesh({"sequence": 8}, topology.devices("v5e:2x4"))
+  hlo = _ring_program(mesh, length=4096).as_text()
+  assert 'custom_call_target="tpu_custom_call"' in hlo  # forward, dK/dV, dQ kernels
+
+
+def _instructions(hlo: str, computation: str) -> list[str]:
+  """The instruction lines of one computation of a scheduled HLO module, in order."""
+  lines = hlo.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(computation))
+  body = []
+  for line in lines[start + 1:]:
+    if line.startswith("}"):
+      break
+    body.append(line.strip())
+  return body
+
+
+def test_the_ring_overlaps_transfers_with_the_kernels():
+  """In the scheduled TPU program (v5e:2x4, a ring of 8), every transfer of the ring is
+  asynchronous and a Mosaic kernel runs between its start and its done: in the forward
+  loop the next K/V block travels during the attention kernel, in the backward loop the
+  K/V block and the dK/dV accumulators travel during the dK/dV and dQ kernels."""
+  mesh = mesh_lib.make_mesh({"sequence": 8}, topology.devices("v5e:2x4"))
+  hlo = _ring_program(mesh).as_text()
+  assert not re.search(r"= \S+ collective-permute\(", hlo), "a synchronous collective-permute"
+  loops = re.findall(r"body=(%[\w.\-]+)", hlo)
+  checked = 0
+  for body in dict.fromkeys(loops):
+    instructions = _instructions(hlo, body)
+    starts = {re.match(r"(%[\w.\-]+) =", line).group(1): index
+              for index, line in enumerate(instructions) if "collective-permute-start(" in line}
+    if not starts:
+      continue
+    kernels = [index for index, line in enumerate(instructions) if "tpu_custom_call" in line]
+    for name, start in starts.items():
+      done = next(index for index, line in enumerate(instructions)
+                  if "collective-permute-done(" in line and f"({name})" in line)
+      assert any(start < kernel < done for kernel in kernels), (body, name)
+      checked += 1
+  assert checked >= 3, f"expected the forward's and the backward's transfers, checked {checked}"
+
+
+def test_meshes_are_laid_on_the_torus():
+  """v5p-128 (4x4x4 chips): fsdp 4 x sequence 8 x tensor 2 would split a physical axis:
+  refused with shapes that fit, accepted when asked for; whole-axis shapes lay out."""
+  devices = topology.devices("v5p-128")
+  assert len(devices) == 64
+  with pytest.raises(ConfigError) as error:
+    mesh_lib.make_mesh({"fsdp": 4, "sequence": 8, "tensor": 2}, devices)
+  message = str(error.value)
+  assert "4x4x4 chips without splitting" in message and "allow_split_physical_axes" in message
+  suggested = re.findall(r"mesh\.data=(\d+) mesh\.fsdp=(\d+) mesh\.sequence=(\d+) "
+                         r"mesh\.tensor=(\d+)", message)
+  assert suggested
+  for sizes in suggested:  # every suggestion lays out
+    mesh_lib.make_mesh(dict(zip(mesh_lib.AXES, map(int, sizes))), devices)
+  split = mesh_lib.make_mesh({"fsdp": 4, "sequence": 8, "tensor": 2,
+                              "allow_split_physical_axes": True}, devices)
+  assert dict(split.shape) == {"data": 1, "fsdp": 4, "sequence": 8, "tensor": 2}
+  whole = mesh_lib.make_mesh({"fsdp": 4, "sequence": 16}, devices)
+  assert sorted({d.id for d in whole.devices.flat}) == sorted(d.id for d in devices)
+
+
+@pytest.mark.parametrize("name", list(topology.SLICES))
+def test_every_slice_name_is_a_libtpu_topology(name):
+  assert len(topology.devices(name)) == topology.chips(name) * topology.devices_per_chip(name)
+
+
+def test_an_unknown_topology_lists_the_known_ones():
+  with pytest.raises(ValueError, match="unknown TPU topology 'v5p-100'.*v5p-128"):
+    topology.topology_name("v5p-100")
+  assert topology.hbm_bytes_per_device("v5p-128") == 95 << 30
+  assert topology.hbm_bytes_per_device("v4-8") == 16 << 30  # two cores share a chip's 32 GiB
+
+
+@pytest.mark.parametrize("name", ["llama2_7b", "llama3_8b"])
+def test_the_real_size_tpu_configs_lay_out_on_their_slices(name):
+  module = importlib.import_module(f"configs.{name}")
+  for variant in module.MESHES:
+    slice_name = next((s for s in topology.SLICES if variant == s or
+                       variant.startswith(s + "-")), None)
+    if slice_name is None:
+      continue  # a GPU variant (8xh100)
+    mesh = mesh_lib.make_mesh(module.get_config(variant).mesh.to_dict(),
+                              topology.devices(slice_name))
+    assert mesh.devices.size == topology.chips(slice_name)
+
+
+def _aot(*args):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", "tools.aot", *args], cwd=root,
+                        capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=root))
+
+
+def test_the_preflight_compiles_the_train_step_for_a_slice(tmp_path):
+  """tools/aot.py on the tiny model for v5e-8 (data 2 x ring 4): the table, the JSON line,
+  the HLO with Mosaic kernels; libtpu's start-up warnings out of sight."""
+  import json
+  result = _aot("--config=configs/tiny.py", "--topology=v5e-8", "--config.mesh.data=2",
+                "--config.mesh.sequence=4", "--config.model.n_layers=1",
+                "--config.data.seq_len=256", f"--dump_hlo={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "TPU_ACCELERATOR_TYPE" not in result.stderr and "Traceback" not in result.stderr
+  assert "| optimizer state |" in result.stdout and "fits" in result.stdout
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["topology"] == "v5e:2x4" and report["chips"] == 8
+  program = report["programs"][0]
+  assert program["fits"] and program["hbm_bytes"] == 16 << 30
+  per_device = program["per_device"]
+  # AdamW's two moments, sharded like the parameters (fp32): twice their bytes, plus counts.
+  assert 2 * per_device["parameters"] <= per_device["optimizer_state"] \
+      < 2 * per_device["parameters"] + 1024
+  assert 'custom_call_target="tpu_custom_call"' in (tmp_path / "train_step.hlo").read_text()
+
+
+def test_the_preflight_refuses_what_cannot_be_laid_out():
+  result = _aot("--config=configs/tiny.py", "--topology=v5p-100")
+  assert result.returncode == 2 and "unknown TPU topology 'v5p-100'" in result.stderr
+  result = _aot("--config=configs/llama3_8b.py:v5p-128", "--config.mesh.sequence=8",
+                "--config.mesh.tensor=2")
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert "without splitting a physical axis" in result.stderr
