@@ -148,6 +148,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_dead_ones_lock_taken_over(tm
   assert f"took over the workdir lock of process {first.pid}" in third.stderr
 
 
+@pytest.mark.slow
 def test_a_bad_corpus_line_is_named_or_skipped(tmp_path):
   good = [json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) for i in range(300)]
   lines = good[:100] + ['{"text": "unterminated'] + good[100:200] + ['{"title": "no text"}'] \
@@ -169,6 +170,7 @@ def test_a_bad_corpus_line_is_named_or_skipped(tmp_path):
     assert [json.loads(line)["skipped_corpus_lines"] for line in f] == [2, 2]
 
 
+@pytest.mark.slow
 def test_a_metrics_line_cut_by_a_kill_is_dropped_and_the_file_stays_whole(finished, tmp_path):
   workdir = copy_run(finished[0], tmp_path)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:

@@ -37,6 +37,7 @@ def _finish(processes, timeout=400):
   return outputs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   single = str(tmp_path / "single")
   run_train(single, *STEPS)
