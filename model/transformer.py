@@ -246,6 +246,17 @@ def create(config: ModelConfig, mesh, seed: int = 0,
   return nnx.merge(graphdef, state)
 
 
+def abstract_params(config: ModelConfig, mesh, attention: AttentionConfig = AttentionConfig()):
+  """(graphdef, parameters) of a model of `config` on `mesh`, the parameters a pure dict of
+  jax.ShapeDtypeStructs with their shardings: nothing is allocated, so `mesh` may hold
+  compile-only devices."""
+  make = lambda: Transformer(config, mesh, attention, rngs=nnx.Rngs(0))
+  graphdef, shapes = nnx.split(nnx.eval_shape(make))
+  shardings = nnx.to_pure_dict(sharding.param_shardings(shapes, mesh))
+  return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                nnx.to_pure_dict(shapes), shardings)
+
+
 def abstract(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
              **model_overrides) -> tuple[Transformer, str, dict]:
   """(model, checkpoint step directory, its meta) where the model's parameters are
@@ -255,11 +266,7 @@ def abstract(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
   from model import checkpoint
   step_dir, meta = checkpoint.load_meta(path)
   config = dataclasses.replace(ModelConfig.from_dict(meta["config"]["model"]), **model_overrides)
-  make = lambda: Transformer(config, mesh, attention, rngs=nnx.Rngs(0))
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
-  shardings = nnx.to_pure_dict(sharding.param_shardings(abstract_state, mesh))
-  targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         nnx.to_pure_dict(abstract_state), shardings)
+  graphdef, targets = abstract_params(config, mesh, attention)
   checkpoint.check_param_shapes(step_dir, targets)  # fail before anything compiles
   return nnx.merge(graphdef, targets), step_dir, meta
 

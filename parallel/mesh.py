@@ -126,7 +126,7 @@ def validate(model, mesh: Mesh, *, seq_len: int | None = None,
   multiple("model.dim", model.dim, fsdp, "mesh.fsdp")
   if seq_len is not None and sequence > 1:
     multiple("data.seq_len", seq_len, 2 * sequence, "2*mesh.sequence", " (zigzag layout)")
-  chunk = getattr(model, "head_chunk", 0)
+  chunk = model.head_chunk
   if seq_len is not None and chunk and (seq_len // sequence) % chunk:
     local = seq_len // sequence
     fits = [d for d in _divisors(local) if d >= min(chunk, local) // 4][:4]

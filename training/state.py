@@ -8,7 +8,6 @@ from flax import nnx
 
 from model import transformer
 from model.config import AttentionConfig, ModelConfig
-from parallel import sharding
 from training.optimizer import make_optimizer
 
 
@@ -52,11 +51,7 @@ def abstract_state(model_config: ModelConfig, train_config, mesh,
   """The TrainState `init_state` would create, as jax.ShapeDtypeStructs with their
   shardings: nothing is allocated, so `mesh` may hold devices this host does not have
   (compile-only TPU devices, tools/aot.py); shardings as `init_state` gives them."""
-  make = lambda: transformer.Transformer(model_config, mesh, attention, rngs=nnx.Rngs(0))
-  graphdef, shapes = nnx.split(nnx.eval_shape(make))
-  shardings = nnx.to_pure_dict(sharding.param_shardings(shapes, mesh))
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(shapes), shardings)
+  graphdef, params = transformer.abstract_params(model_config, mesh, attention)
   tx, schedule = make_optimizer(train_config, params)
   return TrainState(graphdef, params, _like_params(jax.eval_shape(tx.init, params), params,
                                                    mesh), tx, schedule)
