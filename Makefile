@@ -4,6 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# The CUDA plugin without CUDA's libraries (~480 MB), apart from the environment: with it
+# on the path, every `import jax` on a host without CUDA prints cudart-stub lines, so
+# only the processes that compile for a GPU host get it (PYTHONPATH=$(GPU_AOT); docs/tpu.md).
+GPU_AOT := $(VENV)/gpu-aot
+GPU_AOT_STAMP := $(GPU_AOT)/.installed
+
 .PHONY: demo ring-check test test-slow fault-check aot-check bench clean
 
 $(STAMP): pyproject.toml
@@ -12,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,tpu]'
 	$(PY) -c 'import jax, flax, torch, transformers'  # fail here if the install did not
 	touch $(STAMP)
+
+$(GPU_AOT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target $(GPU_AOT) jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+	touch $(GPU_AOT_STAMP)
 
 # Train the tiny model on the stdlib's sources, ring attention on 8 CPU devices (~5 min).
 demo: $(STAMP)
@@ -29,8 +39,8 @@ bench: $(STAMP)
 	$(PY) -m bench.all
 
 # pytest exits 5 when it collected no tests: that is a failure here, said plainly.
-test: $(STAMP)
-	$(PY) -m pytest -q || { status=$$?; [ $$status -ne 5 ] || echo "pytest collected no tests" >&2; exit $$status; }
+test: $(STAMP) $(GPU_AOT_STAMP)
+	$(PY) -m pytest -q --durations=25 || { status=$$?; [ $$status -ne 5 ] || echo "pytest collected no tests" >&2; exit $$status; }
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -42,11 +52,13 @@ fault-check: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" tests/test_faults.py tests/test_train.py tests/test_multihost.py
 
 # The real-size configs' training steps compiled for their TPU slices by the TPU compiler
-# (libtpu, no TPU needed): memory per chip against HBM (docs/tpu.md; ~5 min each here).
-aot-check: $(STAMP)
+# (libtpu, no TPU needed) and for 8 H100s by XLA:GPU: memory per chip against HBM
+# (docs/tpu.md; ~5-10 min each here).
+aot-check: $(STAMP) $(GPU_AOT_STAMP)
 	$(PY) -m tools.aot --config=configs/llama3_8b.py:v5p-128
 	$(PY) -m tools.aot --config=configs/llama3_8b.py:v5p-128-1m
 	$(PY) -m tools.aot --config=configs/llama2_7b.py:v5p-128
+	PYTHONPATH=$(GPU_AOT) $(PY) -m tools.aot --config=configs/llama3_8b.py:8xh100
 
 clean:
 	rm -rf $(VENV)

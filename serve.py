@@ -62,33 +62,6 @@ def _process_start() -> float:
     return time.perf_counter()
 
 
-def _choose_mesh(config, named, longest: int):
-  """(mesh, why): --config.mesh.* when given; else every device on the ring (sequence)
-  when a request needs it, or on the batch; on a CPU host one device for the batch, since
-  its virtual devices share the same cores and each would hold a copy of the parameters
-  (measured: 8 virtual devices decode at about half the speed of one)."""
-  import jax
-
-  from parallel import mesh as mesh_lib
-  if any(field.startswith("mesh.") for field in named):
-    return mesh_lib.make_mesh(config.mesh.to_dict()), "--config.mesh.* on the command line"
-  choice = config.serve.cache_sharding
-  if choice not in ("auto", "sequence", "batch"):
-    raise ValueError(f"serve.cache_sharding={choice!r}: use auto, sequence or batch")
-  long_context = f"serve.long_context={config.serve.long_context}"
-  if choice == "auto":
-    choice = "sequence" if longest >= config.serve.long_context else "batch"
-  if choice == "sequence":
-    why = (f"a request of {longest} tokens >= {long_context}"
-           if config.serve.cache_sharding == "auto" else "serve.cache_sharding=sequence")
-    return mesh_lib.make_mesh({"sequence": -1}), f"{why}: the ring over every device"
-  if jax.default_backend() == "cpu":
-    return (mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1]),
-            f"CPU and no request of {long_context} tokens or more: one device (virtual "
-            "devices share the cores)")
-  return mesh_lib.make_mesh({"data": -1}), "short requests: every device on the batch"
-
-
 def _compilation_cache(config):
   import jax
   directory = config.serve.compilation_cache or os.environ.get("RINGLM_COMPILATION_CACHE", "")
@@ -143,7 +116,7 @@ def main(argv):
 
   longest = max((len(r.prompt_tokens) + r.max_tokens for r in requests), default=0)
   try:
-    mesh, mesh_reason = _choose_mesh(config, named, longest)
+    mesh, mesh_reason = loading.choose_mesh(config, named, longest)
     shapes, _, _ = loading.load_model(step_dir, config, named, mesh, max_context,
                                          abstract=True)  # the parameters' shapes only
     mesh_lib.validate(shapes.config, mesh)

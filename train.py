@@ -82,7 +82,8 @@ def train(config, workdir: str, named: set[str]) -> dict:
     attention = AttentionConfig(**config.attention.to_dict())
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     mesh_lib.validate(model_config, mesh, seq_len=config.data.seq_len,
-                      batch_size=config.data.batch_size)
+                      batch_size=config.data.batch_size,
+                      state_over_sequence=config.train.shard_state_over_sequence)
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.data.batch_size % (config.train.grad_accum * data_shards):
       raise ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "

@@ -46,7 +46,8 @@ def build_step(seq_len: int, tokens_per_step: int, mesh_sizes: str = "", remat: 
   config.model.remat = remat
   model_config = ModelConfig.from_dict(config.model.to_dict())
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  mesh_lib.validate(model_config, mesh, seq_len=seq_len, batch_size=config.data.batch_size)
+  mesh_lib.validate(model_config, mesh, seq_len=seq_len, batch_size=config.data.batch_size,
+                    state_over_sequence=config.train.shard_state_over_sequence)
   state = state_lib.init_state(model_config, config.train, mesh, config.seed,
                                AttentionConfig(**config.attention.to_dict()))
   train_step, _ = steps_lib.make_steps(state.graphdef, state.tx, 1, state.shardings)

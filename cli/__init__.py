@@ -103,16 +103,19 @@ def pin_platforms() -> None:
   """With libtpu installed (the `tpu` extra, for compiling TPU programs here) on a host
   with no TPU, JAX would probe for one at its first call: libtpu prints warnings, and the
   process holds libtpu's lockfile for its whole life, which makes a concurrent TPU
-  compilation (tools/aot.py) fail. Such a host runs on its CPU (and GPU, with a CUDA
-  plugin). JAX_PLATFORMS, when set, decides instead. Compile-only TPU devices
-  (docs/tpu.md) work either way."""
+  compilation (tools/aot.py) fail. Likewise the CUDA plugin (on the path to compile for a
+  GPU host, docs/tpu.md) on a host without NVIDIA's driver fails to start CUDA. Such a host runs on its CPU (and
+  its GPU, where there is one). JAX_PLATFORMS, when set, decides instead. Compile-only
+  TPU and GPU devices (docs/tpu.md) work either way."""
   import importlib.util
-  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None \
-      or tpu_attached():
+  if os.environ.get("JAX_PLATFORMS") or tpu_attached():
+    return
+  cuda_plugin = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+  if importlib.util.find_spec("libtpu") is None and not cuda_plugin:
     return
   import jax
-  cuda = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
-  jax.config.update("jax_platforms", "cuda,cpu" if cuda else "cpu")
+  gpu = cuda_plugin and os.path.exists("/dev/nvidiactl")
+  jax.config.update("jax_platforms", "cuda,cpu" if gpu else "cpu")
 
 
 def verbose() -> bool:

@@ -59,6 +59,13 @@ def get_config():
   config.train.weight_decay = 0.1    # on matrices only: not on norms or biases
   config.train.grad_clip = 1.0       # global-norm clipping
   config.train.grad_accum = 1        # micro-batches per step (each data.batch_size / grad_accum rows)
+  # Parameters and AdamW state split over mesh.fsdp x mesh.sequence (ZeRO-3 over the ring
+  # too, as LWM and MaxText do; each layer's weights are gathered over the ring as it
+  # runs). False: every device of the ring holds the same 1/fsdp of the state. True pays
+  # where the state dominates (a long ring, little fsdp); XLA's temporaries also grow,
+  # by more than the state saved at fsdp 4 x ring 16 (docs/tpu.md): ask the pre-flight.
+  # Needs model.dim to be a multiple of fsdp*sequence. Serving keeps weights whole.
+  config.train.shard_state_over_sequence = False
   config.train.max_bad_steps = 5     # stop after this many non-finite steps in a row
   config.init_from = ""              # workdir or checkpoint to load parameters from (not optimizer);
                                      # the model's shape, data files and tokenizer come with it

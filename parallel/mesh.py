@@ -106,9 +106,10 @@ def _shapes_that_fit(shape: tuple, devices: list, count: int = 3) -> list[str]:
 
 
 def validate(model, mesh: Mesh, *, seq_len: int | None = None,
-             batch_size: int | None = None) -> None:
+             batch_size: int | None = None, state_over_sequence: bool = False) -> None:
   """Raises ConfigError if the model (a model.config.ModelConfig), sequence length or
-  batch cannot run on `mesh`."""
+  batch cannot run on `mesh` (`state_over_sequence`: training's
+  train.shard_state_over_sequence, the model dimension split over fsdp x sequence)."""
   data, fsdp, sequence, tensor = (mesh.shape[axis] for axis in AXES)
 
   def multiple(field, value, of, why, note=""):
@@ -123,7 +124,11 @@ def validate(model, mesh: Mesh, *, seq_len: int | None = None,
   # (n_heads is a multiple of n_kv_heads, so the query heads split evenly too.)
   multiple("model.mlp_dim", model.mlp_dim, tensor, "mesh.tensor")
   multiple("model.vocab_size", model.vocab_size, tensor, "mesh.tensor")
-  multiple("model.dim", model.dim, fsdp, "mesh.fsdp")
+  if state_over_sequence:
+    multiple("model.dim", model.dim, fsdp * sequence, "mesh.fsdp*mesh.sequence",
+             " (or --config.train.shard_state_over_sequence=False)")
+  else:
+    multiple("model.dim", model.dim, fsdp, "mesh.fsdp")
   if seq_len is not None and sequence > 1:
     multiple("data.seq_len", seq_len, 2 * sequence, "2*mesh.sequence", " (zigzag layout)")
   chunk = model.head_chunk

@@ -34,9 +34,17 @@ def tokens_axis(length: int) -> str | None:
   return "sequence" if length > 1 else None
 
 
-def spec(logical_axes) -> PartitionSpec:
-  """PartitionSpec for an array whose dimensions have these logical names."""
-  return PartitionSpec(*(RULES[name] if name is not None else None for name in logical_axes))
+# Training's parameters, gradients and optimizer state may also be split over the ring
+# (train.shard_state_over_sequence): ZeRO-3 over fsdp x sequence, as LWM and MaxText do.
+# Without it every device of a ring of 16 holds the same 1/fsdp of the state.
+STATE_OVER_SEQUENCE = {"embed": ("fsdp", "sequence")}
+
+
+def spec(logical_axes, rules=None) -> PartitionSpec:
+  """PartitionSpec for an array whose dimensions have these logical names (`rules`:
+  overrides of RULES, e.g. STATE_OVER_SEQUENCE)."""
+  rules = RULES | (rules or {})
+  return PartitionSpec(*(rules[name] if name is not None else None for name in logical_axes))
 
 
 def named_sharding(mesh, logical_axes) -> NamedSharding:
@@ -54,15 +62,19 @@ def _is_variable(x):
   return isinstance(x, nnx.Variable)
 
 
-def param_specs(state):
-  """Tree of PartitionSpecs for an nnx.State of Params with `logical_axes` metadata."""
-  return jax.tree.map(lambda var: spec(var.get_metadata()["logical_axes"]), state,
+def param_specs(state, *, over_sequence: bool = False):
+  """Tree of PartitionSpecs for an nnx.State of Params with `logical_axes` metadata;
+  `over_sequence`: the model dimension split over fsdp x sequence (STATE_OVER_SEQUENCE)."""
+  rules = STATE_OVER_SEQUENCE if over_sequence else None
+  return jax.tree.map(lambda var: spec(var.get_metadata()["logical_axes"], rules), state,
                       is_leaf=_is_variable)
 
 
-def param_shardings(state, mesh):
-  """Tree of NamedShardings on `mesh` for an nnx.State of Params."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state))
+def param_shardings(state, mesh, *, over_sequence: bool = False):
+  """Tree of NamedShardings on `mesh` for an nnx.State of Params (`over_sequence` as for
+  `param_specs`)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s),
+                      param_specs(state, over_sequence=over_sequence))
 
 
 def host_rows(sharding: NamedSharding, global_shape) -> tuple[int, int]:

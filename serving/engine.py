@@ -216,12 +216,36 @@ class Engine:
 
   def _decode_executable(self, cache, token, position, done, generated, max_tokens, params,
                          sampling):
-    """(decode executable, its arguments); the row arrays are [rows] numpy arrays."""
-    args = (self.state, cache, *(self._rows(x) for x in
+    """(decode executable, its arguments); the row arrays are [rows] numpy arrays, or
+    jax.ShapeDtypeStructs with their shardings (`compile_shapes`)."""
+    place = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else self._rows(x)
+    args = (self.state, cache, *(place(x) for x in
                                  (token, position, done, generated, max_tokens)), params)
     return self._compile("decode", self._decode_fn, args,
                          (("steps", self.decode_chunk), ("sampling", sampling)),
                          donate=(1,)), args
+
+  def compile_shapes(self, rows: int, prompt_len: int, max_tokens: int,
+                     sampling: bool = False) -> dict:
+    """{"prefill", "decode"}: the compiled programs that serve `rows` requests of
+    `prompt_len` prompt tokens and up to `max_tokens` new ones, from shapes alone (no
+    array is made, so the mesh may hold compile-only devices: tools/aot.py --serve).
+    Shardings as `generate` gives them: prompt arrays ("batch", "sequence"), per-row
+    arrays ("batch",)."""
+    rows, prompt_len = self._rows_bucket(rows), self.prompt_bucket(prompt_len)
+    room = self.room_bucket(max_tokens)
+    shape = lambda dims, dtype, axes: jax.ShapeDtypeStruct(
+        dims, dtype, sharding=sharding.named_sharding(self.mesh, axes))
+    prompt = [shape((rows, prompt_len), dtype, ("batch", "sequence"))
+              for dtype in (jnp.int32, jnp.int32, jnp.bool_)]
+    row = lambda dtype: shape((rows,), dtype, ("batch",))
+    params = tuple(row(dtype) for dtype in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32))
+    prefill = self._prefill_executable((self.state, *prompt, row(jnp.int32), params), room,
+                                       sampling)
+    cache = prefill.out_info[2]
+    decode, _ = self._decode_executable(cache, row(jnp.int32), row(jnp.int32), row(jnp.bool_),
+                                        row(jnp.int32), row(jnp.int32), params, sampling)
+    return {"prefill": prefill, "decode": decode}
 
   def _generate_batch(self, batch: list, prompt_len: int, room: int) -> list:
     rows = [_Row(request) for request in batch]

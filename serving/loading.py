@@ -27,6 +27,36 @@ def load_tokenizer(step_dir: str, saved: dict, required: bool = True):
     return None
 
 
+def choose_mesh(config, named: set[str], longest: int, devices=None):
+  """(mesh, why) to serve on: --config.mesh.* when the command line named any; else every
+  device on the ring (sequence) when a request needs it (serve.cache_sharding; `longest`:
+  the longest request's prompt + max_tokens), or on the batch. On CPU, one device for
+  the batch, since virtual devices share the same cores and each would hold a copy of
+  the parameters (measured: 8 virtual devices decode at about half the speed of one).
+  `devices`: default jax.devices() (tools/aot.py passes a TPU slice's compile-only ones)."""
+  import jax
+
+  from parallel import mesh as mesh_lib
+  devices = jax.devices() if devices is None else list(devices)
+  if any(field.startswith("mesh.") for field in named):
+    return mesh_lib.make_mesh(config.mesh.to_dict(), devices), "--config.mesh.* on the command line"
+  choice = config.serve.cache_sharding
+  if choice not in ("auto", "sequence", "batch"):
+    raise ValueError(f"serve.cache_sharding={choice!r}: use auto, sequence or batch")
+  long_context = f"serve.long_context={config.serve.long_context}"
+  if choice == "auto":
+    choice = "sequence" if longest >= config.serve.long_context else "batch"
+  if choice == "sequence":
+    why = (f"a request of {longest} tokens >= {long_context}"
+           if config.serve.cache_sharding == "auto" else "serve.cache_sharding=sequence")
+    return mesh_lib.make_mesh({"sequence": -1}, devices), f"{why}: the ring over every device"
+  if devices[0].platform == "cpu":
+    return (mesh_lib.make_mesh({"data": 1}, devices[:1]),
+            f"CPU and no request of {long_context} tokens or more: one device (virtual "
+            "devices share the cores)")
+  return mesh_lib.make_mesh({"data": -1}, devices), "short requests: every device on the batch"
+
+
 def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int,
                abstract: bool = False):
   """(model, saved run config, data.files): the model of `checkpoint` on `mesh`, with

@@ -191,3 +191,38 @@ def test_the_preflight_refuses_what_cannot_be_laid_out():
                 "--config.mesh.tensor=2")
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
   assert "without splitting a physical axis" in result.stderr
+
+
+def test_the_preflight_compiles_the_serving_programs(tmp_path):
+  """tools/aot.py --serve: serve.py's prefill and decode for 4 requests of 2000 prompt
+  tokens (a long prompt: the ring over the slice, as serve.py would choose), each a
+  table and an entry of the JSON line; the decode's KV cache counted."""
+  import json
+  result = _aot("--config=configs/tiny.py", "--topology=v5e-8", "--serve",
+                "--config.model.n_layers=2", "--config.serve.long_context=1024",
+                "--prompt_tokens=2000", "--rows=4", "--max_tokens=32",
+                f"--dump_hlo={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh sequence 8" in result.stdout and "serve decode" in result.stdout
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert [p["name"] for p in report["programs"]] == ["prefill", "decode"]
+  prefill, decode = report["programs"]
+  assert prefill["fits"] and decode["fits"]
+  # 4 rows x (2048 prompt slots + 32 of room) x 2 layers x K and V x 2 kv heads x 32 dims
+  # x 4 bytes, over a ring of 8.
+  assert decode["per_device"]["kv_cache"] >= 4 * 2080 * 2 * 2 * 2 * 32 * 4 // 8
+  for name in ("prefill", "decode"):
+    assert 'custom_call_target="tpu_custom_call"' in (tmp_path / f"{name}.hlo").read_text() \
+        or name == "decode"
+
+
+def test_blocks_too_large_for_vmem_are_one_message():
+  """Mosaic refuses 4096 x 4096 blocks on v5e (16 MiB of scoped VMEM): the pre-flight
+  says which fields and what fits, without a traceback."""
+  result = _aot("--config=configs/tiny.py", "--topology=v5e-8", "--config.mesh.data=2",
+                "--config.mesh.sequence=4", "--config.model.n_layers=1",
+                "--config.data.seq_len=8192", "--config.model.dim=1024",
+                "--config.attention.block_q=4096", "--config.attention.block_kv=4096")
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert "attention.block_q=4096 x attention.block_kv=4096 do not fit a v5e core's VMEM" \
+      in result.stderr and "over the 16.00M limit" in result.stderr

@@ -33,8 +33,10 @@ class TrainState:
 def init_state(model_config: ModelConfig, train_config, mesh, seed: int,
                attention: AttentionConfig = AttentionConfig()) -> TrainState:
   """A fresh model (`seed`) and its optimizer state on `mesh`; `train_config` is the
-  config's `train` section (training/optimizer.py reads it)."""
-  model = transformer.create(model_config, mesh, seed, attention)
+  config's `train` section (training/optimizer.py reads it; shard_state_over_sequence
+  splits the state over the ring too)."""
+  model = transformer.create(model_config, mesh, seed, attention,
+                             over_sequence=train_config.shard_state_over_sequence)
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)
   tx, schedule = make_optimizer(train_config, params)
@@ -51,7 +53,8 @@ def abstract_state(model_config: ModelConfig, train_config, mesh,
   """The TrainState `init_state` would create, as jax.ShapeDtypeStructs with their
   shardings: nothing is allocated, so `mesh` may hold devices this host does not have
   (compile-only TPU devices, tools/aot.py); shardings as `init_state` gives them."""
-  graphdef, params = transformer.abstract_params(model_config, mesh, attention)
+  graphdef, params = transformer.abstract_params(
+      model_config, mesh, attention, over_sequence=train_config.shard_state_over_sequence)
   tx, schedule = make_optimizer(train_config, params)
   return TrainState(graphdef, params, _like_params(jax.eval_shape(tx.init, params), params,
                                                    mesh), tx, schedule)
