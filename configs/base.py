@@ -118,9 +118,20 @@ def real_size(variant: str, meshes: dict, *, vocab_size, dim, n_layers, n_heads,
   mesh, config.data.seq_len, config.data.batch_size = meshes[variant]
   config.mesh.update(mesh)
   config.model.max_seq_len = config.data.seq_len
-  # The loss's logits 4096 tokens per device at a time (Llama-3-8B at 1M tokens on
-  # v5p-128: 9.2 GiB less per chip, docs/tpu.md).
-  local = config.data.seq_len // mesh.get("sequence", 1)
-  config.model.head_chunk = 4096 if local % 4096 == 0 and local > 4096 else 0
+  head_chunk, over_sequence = long_context_levers(mesh, config.data.seq_len)
+  config.model.head_chunk = head_chunk
+  config.train.shard_state_over_sequence = over_sequence
   config.train.lr = 3e-5
   return config
+
+
+def long_context_levers(mesh: dict, seq_len: int) -> tuple[int, bool]:
+  """(model.head_chunk, train.shard_state_over_sequence) for a real-size model on `mesh`
+  ({axis: size}) at `seq_len` tokens a row, as measured with the pre-flight (docs/tpu.md):
+  the loss's logits 4096 tokens per device at a time (Llama-3-8B at 1M tokens on v5p-128:
+  9.2 GiB less per chip), and the state split over the ring when nothing else splits it
+  (fsdp 1: 21 GiB less per chip there; with fsdp 4 XLA's temporaries grew by more)."""
+  ring = mesh.get("sequence", 1)
+  local = seq_len // ring
+  head_chunk = 4096 if local % 4096 == 0 and local > 4096 else 0
+  return head_chunk, ring > 1 and mesh.get("fsdp", 1) == 1

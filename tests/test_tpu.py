@@ -226,3 +226,18 @@ def test_blocks_too_large_for_vmem_are_one_message():
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
   assert "attention.block_q=4096 x attention.block_kv=4096 do not fit a v5e core's VMEM" \
       in result.stderr and "over the 16.00M limit" in result.stderr
+
+
+def test_a_step_larger_than_hbm_is_does_not_fit_not_a_traceback():
+  """XLA:TPU refuses, while compiling, a step whose temporaries exceed HBM (64 rows of 64K
+  tokens of the tiny model on v5e-8): exit 1, "does not fit" with XLA's figures and a
+  lever, and the JSON line says fits: false."""
+  import json
+  result = _aot("--config=configs/tiny.py", "--topology=v5e-8", "--config.mesh.data=2",
+                "--config.mesh.sequence=4", "--config.model.n_layers=1",
+                "--config.data.seq_len=65536", "--config.data.batch_size=64")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert "does not fit: XLA: Ran out of memory on HBM" in result.stdout
+  assert "Lever: " in result.stdout
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["programs"][0]["fits"] is False

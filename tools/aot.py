@@ -107,6 +107,35 @@ def vmem_refusal(error: Exception, config, name: str) -> str | None:
           "on v4, v5e, v5p and v6e): --config.attention.block_q=0 --config.attention.block_kv=0")
 
 
+def hbm_refusal(error: Exception) -> str | None:
+  """XLA:TPU's own refusal of a program whose temporaries exceed the chip's HBM (it checks
+  while compiling), as one line; None for any other error."""
+  text = " ".join(str(error).split())
+  found = text.find("Ran out of memory on HBM")
+  return None if found < 0 else text[found:found + 240].split(". ")[0]
+
+
+def compiled_or_exit(compile_fn, names: list, config, name: str, hbm: int):
+  """compile_fn() or, when the compiler refuses, one message and the exit status: 1 for
+  a program larger than HBM (with its JSON line), 2 for attention blocks larger than
+  VMEM; any other error propagates."""
+  from parallel import topology
+  try:
+    return compile_fn()
+  except Exception as error:  # noqa: BLE001 (the compiler's refusals, said in one line)
+    too_big = hbm_refusal(error)
+    if too_big is None:
+      cli.fail(vmem_refusal(error, config, topology.generation(name)) or raise_(error))
+    hint = (lever({"parameters": 0, "optimizer_state": 0}, hbm, config)
+            if names == ["train_step"] else serve_lever({"parameters": 0}, hbm, config))
+    print(f"does not fit: XLA: {too_big} Lever: {hint}", flush=True)
+    print(json.dumps({"programs": [{"name": program, "fits": False, "hbm_bytes": hbm,
+                                    "error": too_big} for program in names],
+                      "topology": topology.topology_name(name), "chips": topology.chips(name)}),
+          flush=True)
+    sys.exit(1)
+
+
 def serve_lever(per_device: dict, hbm: int, config) -> str:
   """The first thing to change when a serving program does not fit."""
   if per_device["parameters"] > 0.5 * hbm:
@@ -238,12 +267,11 @@ def main(argv):
     max_tokens = FLAGS.max_tokens or config.serve.max_tokens
     start = time.perf_counter()
     try:
-      compiled, mesh, why = compile_serve_programs(config, named, devices, prompt, rows,
-                                                   max_tokens)
+      compiled, mesh, why = compiled_or_exit(
+          lambda: compile_serve_programs(config, named, devices, prompt, rows, max_tokens),
+          ["prefill", "decode"], config, name, hbm)
     except (ConfigError, ValueError) as error:
       cli.fail(str(error))
-    except Exception as error:  # noqa: BLE001 (Mosaic's refusal, said in one line)
-      cli.fail(vmem_refusal(error, config, topology.generation(name)) or raise_(error))
     seconds = (time.perf_counter() - start) / 2
     for program, executable, inputs in compiled:
       executables.append(executable)
@@ -260,10 +288,8 @@ def main(argv):
     except ConfigError as error:
       cli.fail(str(error))
     start = time.perf_counter()
-    try:
-      executable, inputs = compile_train_step(config, mesh)
-    except Exception as error:  # noqa: BLE001 (Mosaic's refusal, said in one line)
-      cli.fail(vmem_refusal(error, config, topology.generation(name)) or raise_(error))
+    executable, inputs = compiled_or_exit(lambda: compile_train_step(config, mesh),
+                                          ["train_step"], config, name, hbm)
     executables.append(executable)
     programs.append(report("train_step", executable, inputs, time.perf_counter() - start, hbm))
     texts.append(table(programs[-1], (

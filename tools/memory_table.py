@@ -10,8 +10,8 @@ with the mesh, row length and rows of the cell:
 - training (`train step`): the ring (mesh.sequence) is the shortest that a product of
   whole physical axes of the slice allows with at most --tokens_per_device tokens per
   device; every other device goes to mesh.fsdp, one row per fsdp group (so a step is
-  fsdp rows); with fsdp 1 the state is split over the ring
-  (train.shard_state_over_sequence), else over fsdp only (docs/tpu.md says why).
+  fsdp rows); model.head_chunk and train.shard_state_over_sequence as the real-size
+  configs set them (configs/base.long_context_levers).
   With --longest, rows twice as long as the longest in --tokens follow until one does
   not fit (the ring then spans the whole slice).
 - serving (--serve): the longest prompt one request may have, by doubling from 32K,
@@ -70,11 +70,6 @@ def training_mesh(slice_name: str, tokens: int, per_device: int) -> dict:
   return {"sequence": ring, "fsdp": chips // ring, "rows": chips // ring}
 
 
-def head_chunk(local_tokens: int) -> int:
-  """configs/base.real_size's rule: 4096 when it divides a device's tokens."""
-  return 4096 if local_tokens % 4096 == 0 and local_tokens > 4096 else 0
-
-
 def run_aot(model: str, slice_name: str, overrides: dict, layers: int | None,
             serve: dict | None = None) -> dict:
   """One tools.aot run; its JSON line (plus "argv", "seconds"), or {"error": ...}."""
@@ -120,12 +115,13 @@ def depth_of(model: str) -> int:
 
 
 def train_cell(model, slice_name, tokens, depth) -> dict:
+  from configs import base
   mesh = training_mesh(slice_name, tokens, FLAGS.tokens_per_device)
+  head_chunk, over_sequence = base.long_context_levers(mesh, tokens)
   overrides = {"mesh.data": 1, "mesh.tensor": 1, "mesh.fsdp": mesh["fsdp"],
                "mesh.sequence": mesh["sequence"], "data.seq_len": tokens,
                "data.batch_size": mesh["rows"], "model.max_seq_len": tokens,
-               "model.head_chunk": head_chunk(tokens // mesh["sequence"]),
-               "train.shard_state_over_sequence": mesh["fsdp"] == 1}
+               "model.head_chunk": head_chunk, "train.shard_state_over_sequence": over_sequence}
   result = measure(model, slice_name, overrides, depth)
   return dict(result, kind="train", model=model, slice=slice_name, tokens=tokens, mesh=mesh)
 
