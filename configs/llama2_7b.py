@@ -4,10 +4,10 @@
   python train.py --config=configs/llama2_7b.py:8xh100 --workdir=/data/run
 
 Variants pick the mesh and context: v5p-128 (64 chips, 4x4x4: fsdp 4 x sequence 16,
-32K tokens a row; 1M-token rows with v5p-128-1m: sequence 64) and 8xh100 (fsdp 2 x
-sequence 4, 32K). Every mesh axis of a TPU variant is a product of whole physical axes
-of its slice (docs/tpu.md). Tests build the abstract parameters, validate every mesh and
-lay the TPU ones on their slice's compile-only devices.
+32K tokens a row; 1M-token rows with v5p-128-1m: sequence 64) and 8xh100 (a ring of
+8, the state split over it, 32K). Every mesh axis of a TPU variant is a product of
+whole physical axes of its slice (docs/tpu.md). Tests build the abstract parameters,
+validate every mesh and lay the TPU ones on their slice's compile-only devices.
 """
 
 from configs import base
@@ -15,7 +15,7 @@ from configs import base
 MESHES = {  # variant: (mesh, seq_len, global batch)
     "v5p-128": (dict(data=1, fsdp=4, sequence=16, tensor=1), 32768, 8),
     "v5p-128-1m": (dict(data=1, fsdp=1, sequence=64, tensor=1), 1 << 20, 1),
-    "8xh100": (dict(data=1, fsdp=2, sequence=4, tensor=1), 32768, 2),
+    "8xh100": (dict(data=1, fsdp=1, sequence=8, tensor=1), 32768, 1),
 }
 
 

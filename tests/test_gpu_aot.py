@@ -49,7 +49,7 @@ def test_the_ring_compiles_with_triton_kernels_for_an_h100_host():
 
 
 def test_the_preflight_compiles_the_train_step_for_an_h100_host():
-  """tools/aot.py for the 8xh100 variant's mesh (fsdp 2 x ring 4) with a 2-layer model:
+  """tools/aot.py for the 8xh100 variant's mesh (a ring of 8) with a 2-layer model:
   the table, the JSON line with the GPU's memory, the Triton kernels in the HLO."""
   result = _run("-m", "tools.aot", "--config=configs/llama3_8b.py:8xh100",
                 "--config.model.n_layers=2", "--config.data.seq_len=8192",
