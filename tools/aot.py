@@ -115,19 +115,20 @@ def hbm_refusal(error: Exception) -> str | None:
   return None if found < 0 else text[found:found + 240].split(". ")[0]
 
 
-def compiled_or_exit(compile_fn, names: list, config, name: str, hbm: int):
+def compiled_or_exit(compile_fn, names: list, hint: str, config, name: str, hbm: int):
   """compile_fn() or, when the compiler refuses, one message and the exit status: 1 for
-  a program larger than HBM (with its JSON line), 2 for attention blocks larger than
-  VMEM; any other error propagates."""
+  a program larger than HBM (with its JSON line and `hint`, the lever to pull), 2 for
+  attention blocks larger than VMEM; any other error propagates."""
   from parallel import topology
   try:
     return compile_fn()
   except Exception as error:  # noqa: BLE001 (the compiler's refusals, said in one line)
     too_big = hbm_refusal(error)
     if too_big is None:
-      cli.fail(vmem_refusal(error, config, topology.generation(name)) or raise_(error))
-    hint = (lever({"parameters": 0, "optimizer_state": 0}, hbm, config)
-            if names == ["train_step"] else serve_lever({"parameters": 0}, hbm, config))
+      message = vmem_refusal(error, config, topology.generation(name))
+      if message is None:
+        raise
+      cli.fail(message)
     print(f"does not fit: XLA: {too_big} Lever: {hint}", flush=True)
     print(json.dumps({"programs": [{"name": program, "fits": False, "hbm_bytes": hbm,
                                     "error": too_big} for program in names],
@@ -230,10 +231,6 @@ def table(program: dict, title: str) -> str:
   return "\n".join(lines)
 
 
-def raise_(error: Exception):
-  raise error
-
-
 def mesh_text(mesh) -> str:
   return " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items() if size > 1) \
       or "one device"
@@ -269,7 +266,8 @@ def main(argv):
     try:
       compiled, mesh, why = compiled_or_exit(
           lambda: compile_serve_programs(config, named, devices, prompt, rows, max_tokens),
-          ["prefill", "decode"], config, name, hbm)
+          ["prefill", "decode"], serve_lever({"parameters": 0}, hbm, config), config, name,
+          hbm)
     except (ConfigError, ValueError) as error:
       cli.fail(str(error))
     seconds = (time.perf_counter() - start) / 2
@@ -288,8 +286,9 @@ def main(argv):
     except ConfigError as error:
       cli.fail(str(error))
     start = time.perf_counter()
-    executable, inputs = compiled_or_exit(lambda: compile_train_step(config, mesh),
-                                          ["train_step"], config, name, hbm)
+    executable, inputs = compiled_or_exit(
+        lambda: compile_train_step(config, mesh), ["train_step"],
+        lever({"parameters": 0, "optimizer_state": 0}, hbm, config), config, name, hbm)
     executables.append(executable)
     programs.append(report("train_step", executable, inputs, time.perf_counter() - start, hbm))
     texts.append(table(programs[-1], (

@@ -1,7 +1,7 @@
 """The long-context memory table: what fits on which TPU slice, from the TPU compiler.
 
   python -m tools.memory_table [--models=llama2_7b,llama3_8b] [--slices=v5p-128,v5e-256]
-      [--tokens=32768,131072,524288,1048576] [--longest] [--serve] [--layers=32|extrapolate]
+      [--tokens=32768,131072,524288,1048576] [--longest] [--serve]
       [--output=docs/tpu-memory.json]
 
 Each cell is one `python -m tools.aot` run (a separate process) of `configs/MODEL.py`
@@ -17,9 +17,6 @@ with the mesh, row length and rows of the cell:
 - serving (--serve): the longest prompt one request may have, by doubling from 32K,
   and the most requests of 32K tokens, on the mesh serve.py chooses; bf16 weights.
 
---layers=extrapolate compiles each cell with 2 and 4 layers and extends every memory
-figure linearly to the model's depth (every layer adds the same saved activations and
-state); the full-depth compile of a few cells checks it (docs/tpu.md says by how much).
 Prints a Markdown table; writes every cell's JSON to --output.
 """
 
@@ -47,8 +44,6 @@ def define_flags():
                        "device holds at most this many tokens of a row (or spans the slice).")
   flags.DEFINE_bool("longest", False, "Training: double the row until it does not fit.")
   flags.DEFINE_bool("serve", False, "Also the serving cells: longest prompt, most rows at 32K.")
-  flags.DEFINE_string("layers", "32", "'extrapolate' (2 and 4 layers, extended linearly) or "
-                      "a layer count (the model's own when it is its depth).")
   flags.DEFINE_string("output", None, "JSON file for every cell.")
   cli.define_flags()
 
@@ -70,14 +65,11 @@ def training_mesh(slice_name: str, tokens: int, per_device: int) -> dict:
   return {"sequence": ring, "fsdp": chips // ring, "rows": chips // ring}
 
 
-def run_aot(model: str, slice_name: str, overrides: dict, layers: int | None,
-            serve: dict | None = None) -> dict:
+def run_aot(model: str, slice_name: str, overrides: dict, serve: dict | None = None) -> dict:
   """One tools.aot run; its JSON line (plus "argv", "seconds"), or {"error": ...}."""
   args = [sys.executable, "-m", "tools.aot", f"--config=configs/{model}.py:v5p-128",
           f"--topology={slice_name}"]
   args += [f"--config.{key}={value}" for key, value in overrides.items()]
-  if layers is not None:
-    args.append(f"--config.model.n_layers={layers}")
   if serve is not None:
     args += ["--serve"] + [f"--{key}={value}" for key, value in serve.items()]
   start = time.perf_counter()
@@ -91,30 +83,7 @@ def run_aot(model: str, slice_name: str, overrides: dict, layers: int | None,
   return dict(result, argv=args[2:], seconds=round(seconds, 1))
 
 
-def measure(model, slice_name, overrides, depth, serve=None) -> dict:
-  """A cell's result at the model's depth: compiled at it, or extrapolated from 2 and 4
-  layers (--layers=extrapolate)."""
-  if FLAGS.layers != "extrapolate":
-    layers = int(FLAGS.layers)
-    return run_aot(model, slice_name, overrides, None if layers == depth else layers, serve)
-  two, four = (run_aot(model, slice_name, overrides, n, serve) for n in (2, 4))
-  if "error" in two or "error" in four:
-    return two if "error" in two else four
-  programs = []
-  for a, b in zip(two["programs"], four["programs"]):
-    per_device = {key: int(a["per_device"][key] + (b["per_device"][key] - a["per_device"][key])
-                           * (depth - 2) / 2) for key in a["per_device"]}
-    programs.append(dict(a, per_device=per_device, fits=per_device["total"] <= a["hbm_bytes"],
-                         extrapolated_from_layers=[2, 4]))
-  return dict(two, programs=programs, seconds=two["seconds"] + four["seconds"])
-
-
-def depth_of(model: str) -> int:
-  import importlib
-  return importlib.import_module(f"configs.{model}").get_config().model.n_layers
-
-
-def train_cell(model, slice_name, tokens, depth) -> dict:
+def train_cell(model, slice_name, tokens) -> dict:
   from configs import base
   mesh = training_mesh(slice_name, tokens, FLAGS.tokens_per_device)
   head_chunk, over_sequence = base.long_context_levers(mesh, tokens)
@@ -122,13 +91,13 @@ def train_cell(model, slice_name, tokens, depth) -> dict:
                "mesh.sequence": mesh["sequence"], "data.seq_len": tokens,
                "data.batch_size": mesh["rows"], "model.max_seq_len": tokens,
                "model.head_chunk": head_chunk, "train.shard_state_over_sequence": over_sequence}
-  result = measure(model, slice_name, overrides, depth)
+  result = run_aot(model, slice_name, overrides)
   return dict(result, kind="train", model=model, slice=slice_name, tokens=tokens, mesh=mesh)
 
 
-def serve_cell(model, slice_name, prompt, rows, depth) -> dict:
+def serve_cell(model, slice_name, prompt, rows) -> dict:
   overrides = {"model.param_dtype": "bfloat16", "model.max_seq_len": prompt + 256}
-  result = measure(model, slice_name, overrides, depth,
+  result = run_aot(model, slice_name, overrides,
                    serve={"prompt_tokens": prompt, "rows": rows, "max_tokens": 256})
   return dict(result, kind="serve", model=model, slice=slice_name, tokens=prompt, rows=rows)
 
@@ -161,26 +130,25 @@ def main(argv):
     return cell
 
   for model in FLAGS.models:
-    depth = depth_of(model)
     for slice_name in FLAGS.slices:
       lengths = [int(t) for t in FLAGS.tokens]
       for tokens in lengths:
-        record(train_cell(model, slice_name, tokens, depth))
+        record(train_cell(model, slice_name, tokens))
       if FLAGS.longest:
         tokens = max(lengths)
         while fits(cells[-1]) and tokens < (1 << 26):
           tokens *= 2
-          record(train_cell(model, slice_name, tokens, depth))
+          record(train_cell(model, slice_name, tokens))
       if FLAGS.serve:
-        first = record(serve_cell(model, slice_name, 32768, 1, depth))
+        first = record(serve_cell(model, slice_name, 32768, 1))
         prompt = 32768
         while fits(cells[-1]) and prompt < (1 << 24):
           prompt *= 2
-          record(serve_cell(model, slice_name, prompt, 1, depth))
+          record(serve_cell(model, slice_name, prompt, 1))
         rows, last = 1, first
         while fits(last) and rows < 1024:
           rows *= 2
-          last = record(serve_cell(model, slice_name, 32768, rows, depth))
+          last = record(serve_cell(model, slice_name, 32768, rows))
 
   print("| model | slice | kind | tokens per row | rows | mesh | per chip (of HBM) | fits |")
   print("|---|---|---|---|---|---|---|---|")
