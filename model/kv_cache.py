@@ -52,3 +52,55 @@ def from_prefill(layer_kv, positions, valid, room: int, mesh) -> KVCache:
                  positions=grow(jnp.where(valid, positions, ring.EMPTY).astype(jnp.int32),
                                 ring.EMPTY, ring.POSITION_SLOTS),
                  step=jnp.zeros((), jnp.int32), prompt_slots=positions.shape[1])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotCache:
+  """The cache of continuous batching (serving/slots.py): one row B per decode slot, each
+  with its own fill, so a request joins and leaves a row while the others decode.
+
+  Row b's tokens (prompt chunks, then decoded tokens) take slots fill[b], fill[b] + 1,
+  ... in order; global slot g lives on device g % N of `sequence`, at local index
+  g // N (ring.slot_write). A slot's position says which queries see it (EMPTY:
+  none), so a prompt's padding and a finished request's leftovers are never attended
+  once their positions are cleared (`clear_from`).
+  """
+  keys: tuple           # per layer [B, K, D, C], RoPE applied
+  values: tuple         # per layer [B, K, C, D]
+  positions: jax.Array  # [B, C] int32
+  fill: jax.Array       # [B] int32: the next slot each row writes
+
+  @property
+  def capacity(self) -> int:
+    return self.positions.shape[1]
+
+  def clear_from(self, mesh, axis="sequence") -> "SlotCache":
+    """Every slot at or after its row's fill made invisible (positions EMPTY)."""
+    ring_size = mesh.shape[axis]
+    local_slots = self.capacity // ring_size
+    # Global slot index of every [B, C] entry in the layout above: slot (l, d) -> l*N + d,
+    # stored at column d * (C / N) + l.
+    column = jnp.arange(self.capacity, dtype=jnp.int32)
+    global_slot = (column % local_slots) * ring_size + column // local_slots
+    positions = jnp.where(global_slot[None, :] >= self.fill[:, None], ring.EMPTY,
+                          self.positions)
+    return dataclasses.replace(self, positions=positions)
+
+
+def empty_slots(config, mesh, slots: int, capacity: int) -> SlotCache:
+  """An empty SlotCache of `slots` rows of `capacity` slots (a multiple of
+  mesh.sequence), sharded as ring.slot_write expects; `config` is the ModelConfig."""
+  spec = lambda ndim, slot_axis: ring.cache_spec("sequence", ndim, slot_axis)
+  place = lambda shape, dtype, value, slot_axis: jax.device_put(
+      jnp.full(shape, value, dtype),
+      jax.sharding.NamedSharding(mesh, spec(len(shape), slot_axis)))
+  kv_heads, head_dim = config.n_kv_heads, config.head_dim
+  return SlotCache(
+      keys=tuple(place((slots, kv_heads, head_dim, capacity), config.dtype, 0, ring.KEY_SLOTS)
+                 for _ in range(config.n_layers)),
+      values=tuple(place((slots, kv_heads, capacity, head_dim), config.dtype, 0,
+                         ring.VALUE_SLOTS) for _ in range(config.n_layers)),
+      positions=place((slots, capacity), jnp.int32, ring.EMPTY, ring.POSITION_SLOTS),
+      fill=jax.device_put(jnp.zeros((slots,), jnp.int32),
+                          jax.sharding.NamedSharding(mesh, jax.P(spec(2, 1)[0]))))

@@ -14,7 +14,7 @@ One forward serves training, prefill and decode (`Transformer.forward`): without
 cache it attends over its own tokens and also returns every layer's keys and values
 (a prefill's cache, model/kv_cache.py); with a cache it decodes one token per row,
 writing its keys and values into the cache and attending over it
-(`ring.decode_attention`).
+(`ring.cache_attention`).
 
 Every parameter names its logical axes (`logical_axes` metadata) and activations are
 constrained by logical names; parallel/sharding.py maps both to the mesh. A token
@@ -35,7 +35,7 @@ from flax import nnx
 from model import loss, rope
 from model.matmul import project
 from model.config import AttentionConfig, ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, SlotCache
 from parallel import ring, sharding
 
 
@@ -103,8 +103,8 @@ class Attention(nnx.Module):
       self.bk = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), config)
       self.bv = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), config)
 
-  def __call__(self, x, cos, sin, positions, segment_ids, cache: KVCache | None, layer: int,
-               tokens_axis):
+  def __call__(self, x, cos, sin, positions, segment_ids, cache: KVCache | SlotCache | None,
+               layer: int, tokens_axis):
     """(output [B, L, M], (k, v)): this call's keys/values [B, L, K, D] without a
     cache, the layer's updated cache arrays with one."""
     dtype = self.config.dtype
@@ -119,7 +119,13 @@ class Attention(nnx.Module):
     k = sharding.constrain(rope.apply_rotary(k, cos, sin), self.mesh,
                            ("batch", tokens_axis, "kv_heads", "head_dim"))
     v = sharding.constrain(v, self.mesh, ("batch", tokens_axis, "kv_heads", "head_dim"))
-    if cache is None:
+    if isinstance(cache, SlotCache):  # L tokens per row at the row's own fill
+      write = lambda array, new, slot_axis: ring.slot_write(array, new, cache.fill,
+                                                            slot_axis=slot_axis, mesh=self.mesh)
+      k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
+      v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
+      out = ring.cache_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
+    elif cache is None:
       out = ring.ring_attention(q, k, v, positions=positions, segment_ids=segment_ids,
                                 causal=True, mesh=self.mesh, impl=self.attention.impl,
                                 block_q=self.attention.block_q, block_kv=self.attention.block_kv)
@@ -129,7 +135,7 @@ class Attention(nnx.Module):
       # [B, 1, K, D] -> keys [B, K, D, 1], values [B, K, 1, D] (model/kv_cache.py)
       k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
       v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
-      out = ring.decode_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
+      out = ring.cache_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
     return project("blhd,hdm->blm", out, weight(self.wo)), (k, v)
 
 
@@ -203,7 +209,8 @@ class Transformer(nnx.Module):
     hidden, _ = self.forward(tokens, positions, segment_ids)
     return self.head(hidden)
 
-  def forward(self, tokens, positions, segment_ids=None, cache: KVCache | None = None):
+  def forward(self, tokens, positions, segment_ids=None,
+              cache: KVCache | SlotCache | None = None):
     """The transformer up to the final norm: training, prefill and decode.
 
     Without `cache`: tokens, positions, segment_ids as in `__call__` ([B, L], L over
@@ -212,6 +219,9 @@ class Transformer(nnx.Module):
     With `cache`: tokens, positions [B, 1] (one new token per row, batch-sharded);
     returns (hidden [B, 1, M], the cache with this token written at decode step
     `cache.step` and the step advanced).
+    With a SlotCache (continuous batching): tokens, positions [B, L] (L new tokens per
+    row, whole on every device; positions EMPTY at padding), written at each row's
+    `cache.fill`; returns (hidden [B, L, M], the cache with fill advanced by L).
     """
     config = self.config
     tokens_axis = sharding.tokens_axis(tokens.shape[1])
@@ -220,7 +230,13 @@ class Transformer(nnx.Module):
     table = sharding.constrain(self.embed[...], self.mesh, ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(config.dtype)  # [B, L, M]
     x = sharding.constrain(x, self.mesh, ("batch", tokens_axis, "act_embed"))
-    if cache is not None:  # every layer sees the new token's position in its slot
+    if isinstance(cache, SlotCache):
+      tokens_axis = None  # a chunk's queries attend on every device of the ring
+      x = sharding.constrain(x, self.mesh, ("batch", None, "act_embed"))
+      cache = dataclasses.replace(cache, positions=ring.slot_write(
+          cache.positions, positions, cache.fill, slot_axis=ring.POSITION_SLOTS,
+          mesh=self.mesh))
+    elif cache is not None:  # every layer sees the new token's position in its slot
       cache = dataclasses.replace(cache, positions=ring.cache_write(
           cache.positions, positions, cache.step, cache.prompt_slots,
           slot_axis=ring.POSITION_SLOTS, mesh=self.mesh))
@@ -238,8 +254,11 @@ class Transformer(nnx.Module):
     x = self.final_norm(x)
     if cache is None:
       return x, tuple(layer_kv)
-    return x, dataclasses.replace(cache, keys=tuple(k for k, _ in layer_kv),
-                                  values=tuple(v for _, v in layer_kv), step=cache.step + 1)
+    keys, values = tuple(k for k, _ in layer_kv), tuple(v for _, v in layer_kv)
+    if isinstance(cache, SlotCache):
+      return x, dataclasses.replace(cache, keys=keys, values=values,
+                                    fill=cache.fill + tokens.shape[1])
+    return x, dataclasses.replace(cache, keys=keys, values=values, step=cache.step + 1)
 
   def target_log_probs(self, hidden, targets):
     """log p(target) of every token from the final hidden states (training's loss):

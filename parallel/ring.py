@@ -201,7 +201,7 @@ EMPTY = 2 ** 30  # position of a padding or unused cache slot: later than every 
 KEY_SLOTS, VALUE_SLOTS, POSITION_SLOTS = 3, 2, 1  # the slot axis of each cache array
 
 
-def _cache_spec(axis, ndim, slot_axis):
+def cache_spec(axis, ndim, slot_axis):
   """The sharding of a cache array (keys, values or positions, as above): batch over
   (data, fsdp), kv heads over tensor, slots (`slot_axis`) over `axis`."""
   names = [sharding.RULES["batch"]] + [None] * (ndim - 1)
@@ -226,7 +226,7 @@ def cache_with_room(prefilled, room: int, fill, *, slot_axis: int, mesh, axis="s
   ring_size = mesh.shape[axis]
   if room % ring_size:
     raise ValueError(f"decode room {room} is not a multiple of mesh.{axis}={ring_size}")
-  spec = _cache_spec(axis, prefilled.ndim, slot_axis)
+  spec = cache_spec(axis, prefilled.ndim, slot_axis)
 
   def local(x):
     shape = list(x.shape)
@@ -249,7 +249,7 @@ def cache_write(cache, new, step, prompt_slots: int, *, slot_axis: int, mesh,
     `cache` with slot (device step % N, local prompt_slots / N + step // N) replaced.
   """
   ring_size = mesh.shape[axis]
-  spec = _cache_spec(axis, cache.ndim, slot_axis)
+  spec = cache_spec(axis, cache.ndim, slot_axis)
   new_spec = jax.P(*(None if i == slot_axis else name for i, name in enumerate(spec)))
 
   def local(cache, new, step):
@@ -263,46 +263,97 @@ def cache_write(cache, new, step, prompt_slots: int, *, slot_axis: int, mesh,
                        check_vma=False)(cache, new.astype(cache.dtype), step)
 
 
-def decode_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
-                     axis="sequence", scale=None):
-  """Attention of one new token per row over a sequence-sharded KV cache.
+def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence"):
+  """Writes L new slots into each row of a continuous-batching cache (model/kv_cache.py,
+  SlotCache), row b at its own slot index fill[b].
+
+  Global slot g of a row lives on device g % N of `axis`, at local index g // N, so a
+  row's slots are spread evenly over the ring whatever its length.
+
+  Args:
+    cache: keys [B, K, D, C], values [B, K, C, D] or positions [B, C], slots (axis
+      `slot_axis`) over `axis`, batch over (data, fsdp).
+    new: shaped like `cache` with L slots, not split over `axis`.
+    fill: [B] int32, the first slot to write in each row. With L > 1, L and every
+      fill[b] are multiples of N (then device d writes L / N slots: the chunk's tokens
+      d, d + N, ...).
+  Returns:
+    `cache` with slots fill[b] .. fill[b] + L - 1 of row b replaced.
+  """
+  ring_size = mesh.shape[axis]
+  count = new.shape[slot_axis]
+  if count > 1 and count % ring_size:
+    raise ValueError(f"{count} slots written at once: not a multiple of mesh.{axis}={ring_size}")
+  spec = cache_spec(axis, cache.ndim, slot_axis)
+  new_spec = jax.P(*(None if i == slot_axis else name for i, name in enumerate(spec)))
+
+  def local(cache, new, fill):
+    device = lax.axis_index(axis)
+    if count > 1:  # this device's share of the chunk: its tokens d, d + N, ...
+      shape = new.shape[:slot_axis] + (count // ring_size, ring_size) + new.shape[slot_axis + 1:]
+      new = lax.dynamic_index_in_dim(new.reshape(shape), device, slot_axis + 1, keepdims=False)
+      mine = jnp.ones_like(fill, bool)
+    else:
+      mine = fill % ring_size == device
+
+    def row(cache, new, fill, mine):  # one row: the slot axis is slot_axis - 1
+      start = [0] * cache.ndim
+      start[slot_axis - 1] = fill // ring_size
+      old = lax.dynamic_slice(cache, start, new.shape)
+      return lax.dynamic_update_slice(cache, jnp.where(mine, new, old), start)
+
+    return jax.vmap(row)(cache, new, fill, mine)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, new_spec, jax.P(spec[0])),
+                       out_specs=spec, check_vma=False)(cache, new.astype(cache.dtype),
+                                                        fill.astype(jnp.int32))
+
+
+def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
+                    axis="sequence", scale=None):
+  """Attention of L new tokens per row over a sequence-sharded KV cache (a decode
+  step: L = 1; a chunk of a prompt prefilled into a SlotCache: L > 1).
 
   Each device attends to its local slots; the partial results merge by log-sum-exp
   over `axis` (docs/design.md, "Decode over a sequence-sharded cache"): an all-reduce of
-  the row maxima, then one of the rescaled numerators and denominators.
+  the row maxima, then one of the rescaled numerators and denominators. Slots are
+  matched to queries by position only, so their order never matters.
 
   Args:
-    q: [B, 1, H, D], batch over (data, fsdp), heads over tensor, replicated over `axis`.
+    q: [B, L, H, D], batch over (data, fsdp), heads over tensor, whole on every device
+      of `axis`.
     k_cache: [B, K, D, C] and v_cache: [B, K, C, D], H % K == 0, the C slots over
       `axis`.
     cache_positions: [B, C] int32 token position of each slot (EMPTY: none).
-    q_positions: [B, 1] int32; a slot is visible when its position <= the query's.
+    q_positions: [B, L] int32; a slot is visible to a query when its position <= the
+      query's.
   Returns:
-    [B, 1, H, D] in q.dtype, sharded like q.
+    [B, L, H, D] in q.dtype, sharded like q.
   """
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   batch_axes = sharding.RULES["batch"]
   q_spec = jax.P(batch_axes, None, sharding.RULES["heads"], None)
-  k_spec, v_spec = _cache_spec(axis, 4, KEY_SLOTS), _cache_spec(axis, 4, VALUE_SLOTS)
+  k_spec, v_spec = cache_spec(axis, 4, KEY_SLOTS), cache_spec(axis, 4, VALUE_SLOTS)
 
   def local(q, k, v, kv_pos, q_pos):
-    batch, _, q_heads, head_dim = q.shape
+    batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    # [B, 1, H, D] -> [B, K, G, D]
-    grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bkgd,bkdc->bkgc", grouped, k.astype(jnp.float32)) * scale
-    visible = (kv_pos <= q_pos)[:, None, None, :]  # [B, 1, 1, C]
+    # [B, L, H, D] -> [B, K, G, L, D]
+    grouped = jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim),
+                           1, 3).astype(jnp.float32)
+    scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k.astype(jnp.float32)) * scale
+    visible = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, L, C]
     scores = jnp.where(visible, scores, -jnp.inf)
-    local_max = jnp.max(scores, axis=-1)  # [B, K, G]
+    local_max = jnp.max(scores, axis=-1)  # [B, K, G, L]
     ring_max = lax.pmax(local_max, axis)
     safe_max = jnp.where(ring_max == -jnp.inf, 0.0, ring_max)
     weights = jnp.exp(scores - safe_max[..., None])
-    numerator = jnp.einsum("bkgc,bkcd->bkgd", weights, v.astype(jnp.float32))
+    numerator = jnp.einsum("bkglc,bkcd->bkgld", weights, v.astype(jnp.float32))
     denominator = jnp.sum(weights, axis=-1, keepdims=True)
     # The merge: one all-reduce of (numerator, denominator) over the ring.
     numerator, denominator = lax.psum((numerator, denominator), axis)
-    out = numerator / jnp.where(denominator == 0, 1.0, denominator)
-    return out.reshape(batch, 1, q_heads, head_dim).astype(q.dtype)
+    out = numerator / jnp.where(denominator == 0, 1.0, denominator)  # [B, K, G, L, D]
+    return jnp.moveaxis(out, 3, 1).reshape(batch, length, q_heads, head_dim).astype(q.dtype)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, v_spec,
                                                    jax.P(batch_axes, axis), jax.P(batch_axes)),

@@ -14,7 +14,6 @@ decode, on any mesh.
   caller can compile while the checkpoint loads.
 """
 
-import dataclasses
 import functools
 import time
 
@@ -25,7 +24,8 @@ from flax import nnx
 
 from model import kv_cache
 from parallel import layout, sharding
-from serving.requests import Request, error_record
+from serving.completion import Completion
+from serving.requests import error_record
 from serving.sampling import sample
 
 
@@ -33,16 +33,6 @@ def _bucket(n: int, minimum: int, multiple: int) -> int:
   """The smallest power of two >= max(n, minimum), rounded up to a multiple of `multiple`."""
   size = 1 << max(n - 1, minimum - 1, 0).bit_length()
   return -(-size // multiple) * multiple
-
-
-@dataclasses.dataclass
-class _Row:
-  """A request being decoded (host side)."""
-  request: Request
-  tokens: list = dataclasses.field(default_factory=list)
-  logprobs: list = dataclasses.field(default_factory=list)
-  finish_reason: str | None = None
-  completion: str | None = None
 
 
 class Engine:
@@ -171,7 +161,7 @@ class Engine:
         progress.update(len(batch))
     return results
 
-  def _result(self, row: _Row) -> dict:
+  def _result(self, row: Completion) -> dict:
     request = row.request
     result = {"line": request.line, "id": request.id, "completion": row.completion,
               "tokens": row.tokens, "finish_reason": row.finish_reason,
@@ -248,7 +238,7 @@ class Engine:
     return {"prefill": prefill, "decode": decode}
 
   def _generate_batch(self, batch: list, prompt_len: int, room: int) -> list:
-    rows = [_Row(request) for request in batch]
+    rows = [Completion(request) for request in batch]
     args, sampling, lengths = self._prefill_inputs(batch, prompt_len)
     prefill = self._prefill_executable(args, room, sampling)
     params, size = args[-1], len(lengths)
@@ -283,34 +273,7 @@ class Engine:
     self.stats["decode_s"] += (time.perf_counter() - start
                                - (self.stats["compile_s"] - compile_start))  # run time only
     self.stats["decode_tokens"] += sum(max(len(row.tokens) - 1, 0) for row in rows)
-    for row in rows:
-      if self.tokenizer is not None and row.completion is None:
-        row.completion = self._text(row)
     return rows
 
-  def _text(self, row: _Row) -> str:
-    """The completion's text: decoded with its prompt so that a first token's leading
-    space survives (sentencepiece drops it when decoding a sequence on its own)."""
-    prompt = row.request.prompt_tokens
-    context = self.tokenizer.decode(prompt)
-    text = self.tokenizer.decode(list(prompt) + list(row.tokens))
-    return text[len(context):] if text.startswith(context) else self.tokenizer.decode(row.tokens)
-
-  def _append(self, row: _Row, tokens: list, logprobs: list) -> bool:
-    """Adds generated tokens to a row until it finishes; True when it has."""
-    for token, logprob in zip(tokens, logprobs):
-      if token in self.eos_ids:
-        row.finish_reason = "stop"
-        return True
-      row.tokens.append(token)
-      row.logprobs.append(logprob)
-      if row.request.stop:
-        text = self._text(row)
-        found = [text.find(s) for s in row.request.stop if s in text]
-        if found:
-          row.completion, row.finish_reason = text[:min(found)], "stop"
-          return True
-      if len(row.tokens) >= row.request.max_tokens:
-        row.finish_reason = "length"
-        return True
-    return False
+  def _append(self, row: Completion, tokens: list, logprobs: list) -> bool:
+    return row.append(tokens, logprobs, self.tokenizer, self.eos_ids)

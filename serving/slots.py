@@ -1,0 +1,232 @@
+"""Continuous batching on the device: a fixed set of decode slots over one SlotCache.
+
+The programs (all compiled ahead, from shapes, by `compile_all`; their number is
+`len(programs)`):
+
+- `chunk` (one per chunk size L and sampling on/off): prefills L tokens of one
+  request's prompt into its row of the cache, at the row's fill, attending over what
+  the row already holds (earlier chunks, a cached prefix) and over itself; returns the
+  first sampled token when the chunk is the prompt's last. A long prompt is prefilled
+  chunk by chunk between decode calls, so the other slots' streams stall for at most
+  one chunk.
+- `decode` (sampling on/off): up to `decode_steps` steps of every slot at once, each
+  row at its own position and fill; rows that are not decoding (`done`) write into
+  their last slot and are ignored.
+- `copy_prefix` / `take_prefix` (one per prefix length bucket): a cached prompt prefix
+  put into a row, or a row's first slots kept (serving/prefix_cache.py).
+
+On a mesh with sequence = N > 1 the cache's slots are spread over the ring (global slot
+g on device g % N, ring.slot_write), attention merges the devices' partial results by
+log-sum-exp (ring.cache_attention), and the dense layers of a chunk run on every
+device of the ring. The mesh's batch axes split the slots.
+
+Dimension letters: core/__init__.py (B = decode slots, L = a chunk's tokens,
+C = slots of a row).
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model import kv_cache
+from parallel import ring, sharding
+from serving.sampling import sample
+
+SAMPLING_FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+                   ("seed", np.uint32))
+
+
+def chunk_sizes(smallest: int, largest: int, ring_size: int) -> tuple[int, ...]:
+  """Powers of two from `smallest` to `largest`, each rounded up to a multiple of the
+  ring (a chunk's slots are spread evenly over it)."""
+  sizes, size = [], 1 << max(smallest - 1, 0).bit_length()
+  while True:
+    sizes.append(-(-size // ring_size) * ring_size)
+    if size >= largest:
+      break
+    size *= 2
+  return tuple(sorted(set(sizes)))
+
+
+class SlotEngine:
+  """The programs of continuous batching on `mesh` for `model` (a Transformer whose
+  parameters live on the mesh; abstract parameters are enough to compile).
+
+  Args:
+    slots: decode slots B (rows of the cache), a multiple of the mesh's batch shards.
+    capacity: slots C of a row: the longest request (prompt + max_tokens) plus one
+      chunk, rounded up to a multiple of the ring (capacity_for).
+    chunk_sizes: the prompt chunk lengths L compiled (chunk_sizes()).
+    decode_steps: decode steps per call.
+  """
+
+  def __init__(self, model, mesh, *, slots: int, capacity: int, chunks: tuple,
+               decode_steps: int, eos_ids=()):
+    self.model, self.mesh = model, mesh
+    self.graphdef, self.state = nnx.split(model)
+    self.slots, self.capacity, self.chunks = slots, capacity, tuple(chunks)
+    self.decode_steps = decode_steps
+    self.eos_ids = tuple(sorted({int(e) for e in eos_ids if e is not None and e >= 0}))
+    self.ring = mesh.shape["sequence"]
+    self.programs = {}
+    self.compile_s = 0.0
+    self.cache = None
+
+  @staticmethod
+  def capacity_for(max_context: int, largest_chunk: int, ring_size: int) -> int:
+    return -(-(max_context + largest_chunk) // ring_size) * ring_size
+
+  def cache_bytes(self) -> int:
+    """Bytes of the whole SlotCache (keys and values of every layer, and positions)."""
+    config = self.model.config
+    per_slot = 2 * config.n_layers * config.n_kv_heads * config.head_dim * \
+        jnp.dtype(config.dtype).itemsize + 4
+    return self.slots * self.capacity * per_slot
+
+  def use_parameters(self, model) -> None:
+    self.model, self.state = model, nnx.split(model)[1]
+
+  def reset(self) -> None:
+    """An empty cache (made on the mesh)."""
+    self.cache = kv_cache.empty_slots(self.model.config, self.mesh, self.slots, self.capacity)
+
+  # --- the programs --------------------------------------------------------------------
+
+  def _chunk_fn(self, state, cache, row, start, tokens, positions, last, params, *,
+                sampling):
+    """Row `row`'s next L prompt tokens (tokens, positions [1, L]; positions EMPTY at
+    padding) written from slot `start`; the token sampled after index `last`."""
+    model = nnx.merge(self.graphdef, state)
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
+    mine = jax.tree.map(take, cache)
+    mine = kv_cache.SlotCache(mine.keys, mine.values, mine.positions,
+                              jnp.reshape(start, (1,)).astype(jnp.int32))
+    mine = mine.clear_from(self.mesh)  # a new request: nothing of the row's last one
+    hidden, mine = model.forward(tokens, positions, cache=mine)
+    logits = model.head(jax.lax.dynamic_slice_in_dim(hidden, last, 1, axis=1))[:, 0]
+    token, logprob = sample(logits, *params, jnp.zeros((1,), jnp.int32), sampling=sampling)
+    put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, row, axis=0)
+    cache = jax.tree.map(put, cache, mine)
+    return token[0], logprob[0], cache
+
+  def _decode_fn(self, state, cache, token, position, fill, done, generated, max_tokens,
+                 params, *, steps, sampling):
+    """Up to `steps` steps of every row not `done` ([B] arrays); stops early when every
+    row is done. Returns (steps run, cache, tokens [B, steps], logprobs [B, steps])."""
+    model = nnx.merge(self.graphdef, state)
+    eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
+    rows, last_slot = token.shape[0], self.capacity - 1
+
+    def cond(carry):
+      i, _, _, _, _, done, _, _ = carry
+      return (i < steps) & ~jnp.all(done)
+
+    def body(carry):
+      i, cache, token, position, fill, done, out_tokens, out_logprobs = carry
+      # A row that is not decoding writes into its last slot (cleared before reuse).
+      cache = kv_cache.SlotCache(cache.keys, cache.values, cache.positions,
+                                 jnp.where(done, last_slot, fill))
+      hidden, cache = model.forward(token[:, None], position[:, None], cache=cache)
+      next_token, logprob = sample(model.head(hidden)[:, 0], *params, generated + i,
+                                   sampling=sampling)
+      out_tokens = out_tokens.at[:, i].set(next_token)
+      out_logprobs = out_logprobs.at[:, i].set(logprob)
+      done = done | jnp.isin(next_token, eos) | (generated + i + 1 >= max_tokens)
+      return (i + 1, cache, next_token, position + 1, fill + 1, done, out_tokens,
+              out_logprobs)
+
+    carry = (jnp.zeros((), jnp.int32), cache, token, position, fill, done,
+             jnp.zeros((rows, steps), jnp.int32), jnp.zeros((rows, steps), jnp.float32))
+    steps_done, cache, *_, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, carry)
+    return steps_done, cache, out_tokens, out_logprobs
+
+  def _compile(self, name, function, args, static, donate=(), shape=None):
+    key = (name, static, shape)
+    if key not in self.programs:
+      start = time.perf_counter()
+      self.programs[key] = jax.jit(functools.partial(function, **dict(static)),
+                                   donate_argnums=donate).lower(*args).compile()
+      self.compile_s += time.perf_counter() - start
+    return self.programs[key]
+
+  def _shapes(self):
+    """Abstract arguments: (cache, a [B] row array of a dtype, a scalar, a [1, L] array)."""
+    named = lambda axes: sharding.named_sharding(self.mesh, axes)
+    cache = jax.eval_shape(lambda: kv_cache.empty_slots(self.model.config, self.mesh,
+                                                        self.slots, self.capacity))
+    # eval_shape drops shardings; give the cache its own.
+    spec = lambda ndim, slot_axis: jax.sharding.NamedSharding(
+        self.mesh, ring.cache_spec("sequence", ndim, slot_axis))
+    cache = kv_cache.SlotCache(
+        keys=tuple(jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=spec(4, ring.KEY_SLOTS))
+                   for k in cache.keys),
+        values=tuple(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec(4, ring.VALUE_SLOTS))
+                     for v in cache.values),
+        positions=jax.ShapeDtypeStruct(cache.positions.shape, jnp.int32,
+                                       sharding=spec(2, ring.POSITION_SLOTS)),
+        fill=jax.ShapeDtypeStruct((self.slots,), jnp.int32, sharding=named(("batch",))))
+    rows = lambda dtype: jax.ShapeDtypeStruct((self.slots,), dtype, sharding=named(("batch",)))
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=named(()))
+    return cache, rows, scalar
+
+  def chunk_program(self, length: int, sampling: bool):
+    cache, _, scalar = self._shapes()
+    replicated = sharding.named_sharding(self.mesh, ())
+    prompt = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=replicated)
+    params = tuple(jax.ShapeDtypeStruct((1,), dtype, sharding=replicated)
+                   for _, dtype in SAMPLING_FIELDS)
+    args = (self.state, cache, scalar(jnp.int32), scalar(jnp.int32), prompt, prompt,
+            scalar(jnp.int32), params)
+    return self._compile("chunk", self._chunk_fn, args,
+                         (("sampling", sampling),), donate=(1,), shape=length)
+
+  def decode_program(self, sampling: bool):
+    cache, rows, _ = self._shapes()
+    args = (self.state, cache, rows(jnp.int32), rows(jnp.int32), rows(jnp.int32),
+            rows(jnp.bool_), rows(jnp.int32), rows(jnp.int32),
+            tuple(rows(dtype) for _, dtype in SAMPLING_FIELDS))
+    return self._compile("decode", self._decode_fn, args,
+                         (("steps", self.decode_steps), ("sampling", sampling)), donate=(1,))
+
+  def compile_all(self) -> int:
+    """Compiles every program serving can run; returns how many there are."""
+    for sampling in (False, True):
+      self.decode_program(sampling)
+      for length in self.chunks:
+        self.chunk_program(length, sampling)
+    return len(self.programs)
+
+  # --- running them (host arrays in, host arrays out) ------------------------------------
+
+  def _rows(self, array):
+    return sharding.put_rows(np.asarray(array), self.mesh, ("batch",))
+
+  def prefill_chunk(self, row: int, start: int, tokens, positions, last: int, request):
+    """Runs one chunk (tokens, positions: [L] numpy, L in self.chunks) of `request`'s
+    prompt into `row` from slot `start`; returns (token, logprob) sampled after index
+    `last` of the chunk (meaningful for a prompt's last chunk)."""
+    length = len(tokens)
+    program = self.chunk_program(length, request.temperature > 0)
+    replicated = sharding.named_sharding(self.mesh, ())
+    put = lambda x: jax.device_put(x, replicated)
+    params = tuple(put(np.asarray([getattr(request, field)], dtype))
+                   for field, dtype in SAMPLING_FIELDS)
+    token, logprob, self.cache = program(
+        self.state, self.cache, put(np.int32(row)), put(np.int32(start)),
+        put(np.asarray(tokens, np.int32)[None]), put(np.asarray(positions, np.int32)[None]),
+        put(np.int32(last)), params)
+    return int(token), float(logprob)
+
+  def decode(self, token, position, fill, done, generated, max_tokens, params, sampling):
+    """One decode call over every slot ([B] numpy arrays; params: the SAMPLING_FIELDS
+    arrays). Returns (steps, tokens [B, steps], logprobs [B, steps]) as numpy."""
+    program = self.decode_program(sampling)
+    args = [self._rows(x) for x in (token, position, fill, done, generated, max_tokens)]
+    steps, self.cache, tokens, logprobs = program(
+        self.state, self.cache, *args, tuple(self._rows(p) for p in params))
+    steps = int(steps)
+    return steps, np.asarray(tokens)[:, :steps], np.asarray(logprobs)[:, :steps]

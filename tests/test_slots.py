@@ -1,0 +1,61 @@
+"""Continuous batching (serving/slots.py, serving/scheduler.py): greedy tokens equal a
+no-cache forward's for requests that join and leave slots while others decode, with
+prompts prefilled in chunks, on one device and on a ring."""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from model import transformer
+from parallel import mesh as mesh_lib
+from serving.engine import Engine
+from serving.requests import Request
+from serving.scheduler import Scheduler
+from serving.slots import SlotEngine, chunk_sizes
+from tests.test_serve import CONFIG, greedy_reference
+
+PROMPTS = (3, 17, 40, 5, 33, 1)  # chunks of 16 and 32: 40 and 33 take two chunks
+
+
+def make_scheduler(mesh_sizes, devices=None, slots=2, **options):
+  mesh = mesh_lib.make_mesh(mesh_sizes, devices=devices)
+  model = transformer.create(CONFIG, mesh, seed=7)
+  ring = mesh.shape["sequence"]
+  chunks = chunk_sizes(16, 32, ring)
+  engine = SlotEngine(model, mesh, slots=slots, chunks=chunks, decode_steps=3,
+                      capacity=SlotEngine.capacity_for(64, chunks[-1], ring))
+  engine.reset()
+  return Scheduler(engine, **options), model, mesh
+
+
+def serve_all(scheduler, requests):
+  """Submits every request at once and waits for all; returns their jobs."""
+  finished = threading.Semaphore(0)
+  scheduler.start()
+  try:
+    jobs = [scheduler.submit(r, lambda job: job.done and finished.release()) for r in requests]
+    for _ in jobs:
+      assert finished.acquire(timeout=300)
+  finally:
+    scheduler.stop()
+  return jobs
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 8}], ids=["one", "seq8"])
+def test_continuous_batching_gives_the_full_forwards_greedy_tokens(mesh_sizes, rng):
+  devices = jax.devices()[:1] if mesh_sizes == {"data": 1} else None
+  scheduler, model, _ = make_scheduler(mesh_sizes, devices)
+  requests = [Request(line=i, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
+                      max_tokens=int(m), logprobs=True)
+              for i, (n, m) in enumerate(zip(PROMPTS, (7, 2, 9, 1, 5, 8)))]
+  jobs = serve_all(scheduler, requests)
+  for job in jobs:
+    expected, logprobs = greedy_reference(model, job.request.prompt_tokens,
+                                          job.request.max_tokens)
+    assert job.completion.finish_reason == "length" and job.error is None, job.error
+    assert job.completion.tokens == expected, job.request.line
+    np.testing.assert_allclose(job.completion.logprobs, logprobs, rtol=1e-4, atol=1e-4)
+  # more requests than slots: the later ones waited and joined slots as others left
+  assert scheduler.stats["decode_tokens"] == sum(r.max_tokens - 1 for r in requests)
