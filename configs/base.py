@@ -96,6 +96,18 @@ def get_config():
   config.serve.max_tokens = 16       # default max_tokens of a request
   config.serve.compilation_cache = ""  # JAX persistent compilation cache directory
                                        # ("" = $RINGLM_COMPILATION_CACHE, unset = none)
+  # The HTTP server (serve.py --port; docs/serving.md): batch_size decode slots.
+  config.serve.prefill_chunk = 512   # longest prompt chunk prefilled between decode calls
+  config.serve.slot_decode_steps = 8  # decode steps per call (new requests join between)
+  config.serve.max_queue = 256       # requests waiting for a slot; more get 429
+  config.serve.prefix_block = 256    # prefix caching: prompts match in blocks of this many
+  config.serve.prefix_cache_mb = 1024  # its budget (least recently used evicted; 0: off)
+  config.serve.memory_budget_mb = 8192  # CPU: memory for parameters + KV cache (TPU/GPU:
+                                        # the device's own, 0 here too means that)
+  config.serve.drain_s = 30.0        # SIGTERM: seconds to finish the requests in flight
+  config.serve.max_body_mb = 16      # largest request body
+  config.serve.accelerator_hour_usd = 0.0  # price of the mesh's devices per hour (0: no
+                                           # cost figures in /metrics)
 
   # --- logging ---
   config.log = ml_collections.ConfigDict()

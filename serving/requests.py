@@ -17,7 +17,13 @@ REQUEST_FIELDS = {"id", "prompt", "prompt_tokens", "max_tokens", "temperature", 
 
 
 class RequestError(ValueError):
-  """A request line that cannot be served; the message says what is wrong."""
+  """A request that cannot be served; the message says what is wrong, `param` names the
+  field (None: the request as a whole) and `status` is the HTTP status a server answers
+  with (400, or 413 for a prompt beyond the model's context)."""
+
+  def __init__(self, message: str, param: str | None = None, status: int = 400):
+    super().__init__(message)
+    self.param, self.status = param, status
 
 
 @dataclasses.dataclass
@@ -57,58 +63,75 @@ def parse_request(line: int, raw: bytes, *, tokenizer, vocab_size: int, max_cont
     raise RequestError(f"invalid JSON: {error}") from None
   if not isinstance(fields, dict):
     raise RequestError("a request is a JSON object")
-  request_id = fields.get("id")
   unknown = sorted(set(fields) - REQUEST_FIELDS)
   if unknown:
     raise RequestError(f"unknown field(s) {', '.join(unknown)}; known: "
-                       f"{', '.join(sorted(REQUEST_FIELDS))}")
+                       f"{', '.join(sorted(REQUEST_FIELDS))}", unknown[0])
+  return check_fields(line, fields, tokenizer=tokenizer, vocab_size=vocab_size,
+                      max_context=max_context, default_max_tokens=default_max_tokens,
+                      default_seed=default_seed)
+
+
+def check_fields(line: int, fields: dict, *, tokenizer, vocab_size: int, max_context: int,
+                 default_max_tokens: int, default_seed: int) -> Request:
+  """A Request from a request's fields (REQUEST_FIELDS; the batch file's and the HTTP
+  server's), or RequestError naming the field that is wrong."""
+  request_id = fields.get("id")
   if ("prompt" in fields) == ("prompt_tokens" in fields):
-    raise RequestError("give exactly one of `prompt` (text) and `prompt_tokens` (ids)")
+    raise RequestError("give exactly one of `prompt` (text) and `prompt_tokens` (ids)",
+                       "prompt")
   if "prompt" in fields:
     prompt = fields["prompt"]
     if not isinstance(prompt, str):
-      raise RequestError("`prompt` must be a string")
+      raise RequestError("`prompt` must be a string", "prompt")
     if tokenizer is None:
-      raise RequestError("this checkpoint has no tokenizer: send `prompt_tokens`")
+      raise RequestError("this checkpoint has no tokenizer: send `prompt_tokens`", "prompt")
     tokens = list(tokenizer.encode(prompt))
   else:
     tokens = fields["prompt_tokens"]
     if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
-      raise RequestError("`prompt_tokens` must be a list of integers")
+      raise RequestError("`prompt_tokens` must be a list of integers", "prompt")
     bad = [t for t in tokens if not 0 <= t < vocab_size]
     if bad:
       raise RequestError(f"`prompt_tokens` holds id {bad[0]} outside the vocabulary "
-                         f"[0, {vocab_size})")
+                         f"[0, {vocab_size})", "prompt")
   if not tokens:
-    raise RequestError("the prompt is empty")
+    raise RequestError("the prompt is empty", "prompt")
 
   max_tokens = fields.get("max_tokens", default_max_tokens)
+  if max_tokens is None:
+    max_tokens = default_max_tokens
   if not _is_int(max_tokens) or max_tokens < 1:
-    raise RequestError(f"`max_tokens` must be a positive integer, got {max_tokens!r}")
+    raise RequestError(f"`max_tokens` must be a positive integer, got {max_tokens!r}",
+                       "max_tokens")
   if len(tokens) + max_tokens > max_context:
     raise RequestError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                       f"model's context of {max_context} tokens (model.max_seq_len)")
+                       f"model's context of {max_context} tokens (model.max_seq_len)",
+                       "max_tokens" if len(tokens) < max_context else "prompt", status=413)
   temperature = fields.get("temperature", 0.0)
   if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
-    raise RequestError(f"`temperature` must be a finite number >= 0, got {temperature!r}")
+    raise RequestError(f"`temperature` must be a finite number >= 0, got {temperature!r}",
+                       "temperature")
   top_k = fields.get("top_k", 0)
   if not _is_int(top_k) or top_k < -1:
-    raise RequestError(f"`top_k` must be an integer >= 0 (0 or -1: no limit), got {top_k!r}")
+    raise RequestError(f"`top_k` must be an integer >= 0 (0 or -1: no limit), got {top_k!r}",
+                       "top_k")
   top_p = fields.get("top_p", 1.0)
   if not _is_number(top_p) or not 0 < top_p <= 1:  # NaN fails both comparisons
-    raise RequestError(f"`top_p` must be in (0, 1], got {top_p!r}")
+    raise RequestError(f"`top_p` must be in (0, 1], got {top_p!r}", "top_p")
   stop = fields.get("stop", [])
-  stop = [stop] if isinstance(stop, str) else stop
+  stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
   if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-    raise RequestError("`stop` must be a list of non-empty strings")
+    raise RequestError("`stop` must be a list of non-empty strings", "stop")
   if stop and tokenizer is None:
-    raise RequestError("`stop` needs a tokenizer, and this checkpoint has none")
+    raise RequestError("`stop` needs a tokenizer, and this checkpoint has none", "stop")
   seed = fields.get("seed", default_seed)
+  seed = default_seed if seed is None else seed
   if not _is_int(seed):
-    raise RequestError(f"`seed` must be an integer, got {seed!r}")
+    raise RequestError(f"`seed` must be an integer, got {seed!r}", "seed")
   logprobs = fields.get("logprobs", False)
   if not isinstance(logprobs, bool):
-    raise RequestError(f"`logprobs` must be true or false, got {logprobs!r}")
+    raise RequestError(f"`logprobs` must be true or false, got {logprobs!r}", "logprobs")
   return Request(line=line, id=request_id, prompt_tokens=tokens, max_tokens=max_tokens,
                  temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p),
                  stop=tuple(stop), seed=seed % 2 ** 32, logprobs=logprobs)

@@ -82,10 +82,7 @@ class SlotEngine:
 
   def cache_bytes(self) -> int:
     """Bytes of the whole SlotCache (keys and values of every layer, and positions)."""
-    config = self.model.config
-    per_slot = 2 * config.n_layers * config.n_kv_heads * config.head_dim * \
-        jnp.dtype(config.dtype).itemsize + 4
-    return self.slots * self.capacity * per_slot
+    return self.slots * self.capacity * per_token_bytes(self.model.config)
 
   def use_parameters(self, model) -> None:
     self.model, self.state = model, nnx.split(model)[1]
@@ -192,12 +189,85 @@ class SlotEngine:
     return self._compile("decode", self._decode_fn, args,
                          (("steps", self.decode_steps), ("sampling", sampling)), donate=(1,))
 
-  def compile_all(self) -> int:
-    """Compiles every program serving can run; returns how many there are."""
+  # Prefixes (serving/prefix_cache.py): a row's first slots out, or into another row.
+  def prefix_bucket(self, tokens: int) -> int:
+    """Slots kept for a prefix of `tokens`: a power of two (a multiple of the ring),
+    at most the row's capacity."""
+    size = -(-(1 << max(tokens - 1, 0).bit_length()) // self.ring) * self.ring
+    return min(size, self.capacity)
+
+  def _prefix_specs(self):
+    return [(ring.cache_spec("sequence", ndim, axis), axis) for ndim, axis in
+            [(4, ring.KEY_SLOTS)] * len(self.cache_shapes.keys) +
+            [(4, ring.VALUE_SLOTS)] * len(self.cache_shapes.values) +
+            [(2, ring.POSITION_SLOTS)]]
+
+  @property
+  def cache_shapes(self):
+    return self._shapes()[0]
+
+  def _take_fn(self, cache, row, *, length):
+    arrays = [*cache.keys, *cache.values, cache.positions]
+    local = length // self.ring
+    out = []
+    for array, (spec, axis) in zip(arrays, self._prefix_specs()):
+      take = lambda a, row, axis=axis: jax.lax.dynamic_slice_in_dim(
+          jax.lax.dynamic_slice_in_dim(a, row, 1, 0), 0, local, axis)
+      out.append(jax.shard_map(take, mesh=self.mesh, in_specs=(spec, jax.P()), out_specs=spec,
+                               check_vma=False)(array, row))
+    return out
+
+  def _put_fn(self, cache, kept, row):
+    arrays = [*cache.keys, *cache.values, cache.positions]
+    out = []
+    for array, part, (spec, axis) in zip(arrays, kept, self._prefix_specs()):
+      put = lambda a, p, row, axis=axis: jax.lax.dynamic_update_slice(
+          a, p, [row if i == 0 else 0 for i in range(a.ndim)])
+      out.append(jax.shard_map(put, mesh=self.mesh, in_specs=(spec, spec, jax.P()),
+                               out_specs=spec, check_vma=False)(array, part, row))
+    layers = len(cache.keys)
+    return kv_cache.SlotCache(tuple(out[:layers]), tuple(out[layers:2 * layers]), out[-1],
+                              cache.fill)
+
+  def _prefix_programs(self, length: int):
+    cache, _, scalar = self._shapes()
+    take = self._compile("take_prefix", self._take_fn, (cache, scalar(jnp.int32)),
+                         (("length", length),))
+    put = self._compile("put_prefix", self._put_fn,
+                        (cache, take.out_info, scalar(jnp.int32)), (), donate=(0,),
+                        shape=length)
+    return take, put
+
+  def take_prefix(self, row: int, length: int):
+    """Row `row`'s first `length` slots (a prefix_bucket), as device arrays."""
+    replicated = sharding.named_sharding(self.mesh, ())
+    return self._prefix_programs(length)[0](self.cache, jax.device_put(np.int32(row),
+                                                                       replicated))
+
+  def put_prefix(self, row: int, kept) -> None:
+    """Writes slots kept by take_prefix into row `row`'s first slots. The caller then
+    prefills from the prefix's end (the chunk clears every later slot)."""
+    replicated = sharding.named_sharding(self.mesh, ())
+    buckets = kept[-1].shape[1]
+    self.cache = self._prefix_programs(buckets)[1](self.cache, kept,
+                                                   jax.device_put(np.int32(row), replicated))
+
+  @property
+  def per_token_bytes(self) -> int:
+    return per_token_bytes(self.model.config)
+
+  def compile_all(self, prefix_block: int = 0) -> int:
+    """Compiles every program serving can run (with `prefix_block`, the prefix cache's
+    too); returns how many there are."""
     for sampling in (False, True):
       self.decode_program(sampling)
       for length in self.chunks:
         self.chunk_program(length, sampling)
+    if prefix_block:
+      lengths = {self.prefix_bucket(n) for n in range(prefix_block, self.capacity + 1,
+                                                         prefix_block)}
+      for length in sorted(lengths):
+        self._prefix_programs(length)
     return len(self.programs)
 
   # --- running them (host arrays in, host arrays out) ------------------------------------
@@ -230,3 +300,25 @@ class SlotEngine:
         self.state, self.cache, *args, tuple(self._rows(p) for p in params))
     steps = int(steps)
     return steps, np.asarray(tokens)[:, :steps], np.asarray(logprobs)[:, :steps]
+
+
+def kv_capacity(*, per_token_bytes: int, free_bytes: int, slots: int, max_context: int,
+                largest_chunk: int, ring_size: int) -> dict:
+  """What fits in `free_bytes` of KV cache (after the parameters and the prefix cache):
+  {"max_context": longest request (prompt + max_tokens) per slot at `slots` slots,
+   "max_batch": most slots at `max_context`, "fits": both asked for fit,
+   "cache_bytes": the cache asked for}. A row holds its request plus one chunk
+  (SlotEngine.capacity_for)."""
+  row = lambda context: SlotEngine.capacity_for(context, largest_chunk, ring_size)
+  per_row = row(max_context) * per_token_bytes
+  longest = (free_bytes // max(slots, 1)) // per_token_bytes - largest_chunk
+  longest = max(longest // ring_size * ring_size, 0)
+  return {"max_context": min(longest, max_context), "fits": slots * per_row <= free_bytes,
+          "max_batch": int(free_bytes // per_row), "cache_bytes": slots * per_row,
+          "free_bytes": free_bytes}
+
+
+def per_token_bytes(config) -> int:
+  """KV cache bytes of one token over all layers (keys, values, and its position)."""
+  return 2 * config.n_layers * config.n_kv_heads * config.head_dim * \
+      jnp.dtype(config.dtype).itemsize + 4

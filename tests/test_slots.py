@@ -59,3 +59,22 @@ def test_continuous_batching_gives_the_full_forwards_greedy_tokens(mesh_sizes, r
     np.testing.assert_allclose(job.completion.logprobs, logprobs, rtol=1e-4, atol=1e-4)
   # more requests than slots: the later ones waited and joined slots as others left
   assert scheduler.stats["decode_tokens"] == sum(r.max_tokens - 1 for r in requests)
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 8}], ids=["one", "seq8"])
+def test_a_cached_prefix_gives_the_same_tokens(mesh_sizes, rng):
+  from serving.prefix_cache import PrefixCache
+  devices = jax.devices()[:1] if mesh_sizes == {"data": 1} else None
+  cache = PrefixCache(block=16, budget_bytes=1 << 30)
+  scheduler, model, _ = make_scheduler(mesh_sizes, devices, slots=2, prefix_cache=cache)
+  document = rng.integers(0, 256, 40).tolist()
+  first = Request(line=0, id=0, prompt_tokens=document + [7, 8, 9], max_tokens=4)
+  # the same 40 tokens, then another question: its first 32 (two blocks) come cached
+  second = Request(line=1, id=1, prompt_tokens=document + rng.integers(0, 256, 9).tolist(),
+                   max_tokens=6)
+  other = Request(line=2, id=2, prompt_tokens=rng.integers(0, 256, 20).tolist(), max_tokens=3)
+  jobs = serve_all(scheduler, [first]) + serve_all(scheduler, [second, other])
+  assert [job.cached_tokens for job in jobs] == [0, 32, 0]
+  for job in jobs:
+    expected, _ = greedy_reference(model, job.request.prompt_tokens, job.request.max_tokens)
+    assert job.completion.tokens == expected, job.request.line
