@@ -15,8 +15,8 @@ GPU_AOT_STAMP := $(GPU_AOT)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,tpu]'
-	$(PY) -c 'import jax, flax, torch, transformers'  # fail here if the install did not
+	$(PY) -m pip install --quiet -e '.[test,tpu,serve]'
+	$(PY) -c 'import jax, flax, torch, transformers, fastapi, uvicorn, openai'  # fail here if the install did not
 	touch $(STAMP)
 
 $(GPU_AOT_STAMP): $(STAMP)

@@ -18,6 +18,14 @@ with a summary.
 The engine is serving/engine.py's: prefill on the ring with the cache left sharded over
 the sequence, decode over that cache. Its programs are compiled from the parameters'
 shapes while the checkpoint loads (`Engine.compile`), so compilation and loading overlap.
+
+The HTTP server (an OpenAI-compatible API with continuous batching; docs/serving.md):
+
+  python serve.py --checkpoint=DIR --port=8000 [--host=127.0.0.1] [--api_key=KEY]
+      [--config.serve.batch_size=8] [--config.model.max_seq_len=32768]
+
+It prints "max context per request N tokens at batch B" before compiling, answers 503
+on /health while it compiles and loads, and drains on SIGTERM (serving/service.py).
 """
 
 import concurrent.futures
@@ -41,8 +49,16 @@ def define_flags():
   flags share names)."""
   flags.DEFINE_string("checkpoint", None, "Run directory, checkpoint step or converted "
                       "Hugging Face model.")
-  flags.DEFINE_string("input", None, "JSONL requests.")
-  flags.DEFINE_string("output", None, "JSONL results (one line per request line).")
+  flags.DEFINE_string("input", None, "JSONL requests (batch mode).")
+  flags.DEFINE_string("output", None, "JSONL results, one line per request line (batch mode).")
+  flags.DEFINE_integer("port", None, "Serve the OpenAI-compatible HTTP API on this port "
+                       "instead of a batch file.")
+  flags.DEFINE_string("host", "127.0.0.1", "Address the HTTP server binds (0.0.0.0: every "
+                      "interface).")
+  flags.DEFINE_string("api_key", os.environ.get("RINGLM_API_KEY"), "Require "
+                      "`Authorization: Bearer <key>` on /v1/* (default $RINGLM_API_KEY).")
+  flags.DEFINE_string("served_model_name", None, "The model id clients send (default: the "
+                      "checkpoint's directory name).")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
   cli.define_flags()
@@ -75,17 +91,83 @@ def main(argv):
   del argv
   process_start = _process_start()
   named = cli.start()
-  from tqdm import tqdm
+  from model import checkpoint as ckpt_lib
+  from serving import loading
+  main_start = time.perf_counter()  # (the interpreter's start-up and imports before it)
+  config = FLAGS.config
+  _compilation_cache(config)
+  if FLAGS.port is None and not (FLAGS.input and FLAGS.output):
+    cli.fail("give --input and --output (batch mode) or --port (the HTTP server)")
+  try:
+    step_dir, meta = ckpt_lib.load_meta(FLAGS.checkpoint)
+  except FileNotFoundError as error:
+    cli.fail(f"--checkpoint: {error}")
+  saved = meta["config"]
+  # The context the model serves: model.max_seq_len from the command line, else the
+  # checkpoint's (an extended model's is its new length).
+  max_context = config.model.max_seq_len if "model.max_seq_len" in named \
+      else saved["model"]["max_seq_len"]
+  tokenizer = loading.load_tokenizer(step_dir, saved, required=False)
+  eos_ids = loading.end_of_sequence_ids(saved)
+  if tokenizer is not None:
+    eos_ids.append(tokenizer.eos_id())
+  if FLAGS.port is not None:
+    sys.exit(serve_http(config, named, step_dir, saved, max_context, tokenizer, eos_ids))
+  serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
+              process_start, main_start)
+
+
+def serve_http(config, named, step_dir, saved, max_context, tokenizer, eos_ids) -> int:
+  """The OpenAI-compatible server on --host:--port until SIGTERM; returns the exit status."""
+  import logging
 
   from core.errors import ConfigError
   from model import checkpoint as ckpt_lib, transformer
   from parallel import mesh as mesh_lib
+  from serving import chat, loading, service, slots
+  logging.getLogger("ringlm").setLevel(logging.INFO)
+  try:
+    mesh, mesh_reason = loading.choose_mesh(config, named, max_context, slots_split=False)
+    service.http_mesh_check(mesh)
+    shapes = loading.load_model(step_dir, config, named, mesh, max_context, abstract=True)[0]
+    mesh_lib.validate(shapes.config, mesh)
+    chunks = slots.chunk_sizes(config.serve.min_bucket, config.serve.prefill_chunk,
+                                           mesh.shape["sequence"])
+    capacity = service.plan_capacity(shapes, mesh, config.serve, max_context, chunks)
+  except (ConfigError, ValueError) as error:
+    cli.fail(str(error))
+  template, special = chat.load_template(os.path.join(ckpt_lib.run_dir(step_dir), "assets"))
+  model_name = FLAGS.served_model_name or os.path.basename(
+      os.path.normpath(ckpt_lib.run_dir(step_dir)))
+  app = service.Service(
+      shapes, mesh, config.serve, max_context=max_context, capacity=capacity,
+      tokenizer=tokenizer, eos_ids=eos_ids, model_name=model_name, api_key=FLAGS.api_key,
+      seed=config.seed, load=lambda: transformer.load_parameters(shapes, step_dir)[0],
+      chat_template=chat.compile_template(template, special) if template else None)
+  where = f"http://{FLAGS.host}:{FLAGS.port}"
+  cli.summary([
+      f"serving `{model_name}` on {where}/v1 (OpenAI API; /health, /metrics)",
+      capacity.line(),
+      f"mesh: {dict((k, v) for k, v in mesh.shape.items() if v > 1) or '1 device'}: "
+      f"{mesh_reason}",
+      "chat: " + ("the checkpoint's template" if template else
+                  "no chat template (tokenizer_config.json): /v1/completions only"),
+      f"compiling {len(app.chunks)} prefill chunk sizes and decode while the checkpoint "
+      "loads; /health answers 200 when ready"])
+  return service.run(app, FLAGS.host, FLAGS.port)
+
+
+def serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
+                process_start, main_start) -> None:
+  """Batch mode: --input's request lines to --output's result lines."""
+  from tqdm import tqdm
+
+  from core.errors import ConfigError
+  from model import transformer
+  from parallel import mesh as mesh_lib
   from serving import loading
   from serving.engine import Engine
   from serving.requests import RequestError, error_record, parse_request, request_id
-  main_start = time.perf_counter()  # (the interpreter's start-up and imports before it)
-  config = FLAGS.config
-  _compilation_cache(config)
   try:
     with open(FLAGS.input, "rb") as f:
       lines = f.read().split(b"\n")
@@ -93,17 +175,6 @@ def main(argv):
     cli.fail(f"--input: cannot read {FLAGS.input}: {error.strerror}")
   if lines and lines[-1] == b"":
     lines.pop()  # the file's final newline ends the last line; it is not a line
-  try:
-    step_dir, meta = ckpt_lib.load_meta(FLAGS.checkpoint)
-  except FileNotFoundError as error:
-    cli.fail(f"--checkpoint: {error}")
-  saved = meta["config"]
-
-  # The context the model serves: model.max_seq_len from the command line, else the
-  # checkpoint's (an extended model's is its new length).
-  max_context = config.model.max_seq_len if "model.max_seq_len" in named \
-      else saved["model"]["max_seq_len"]
-  tokenizer = loading.load_tokenizer(step_dir, saved, required=False)
   results, requests = {}, []
   for number, raw in enumerate(lines, start=1):
     try:
@@ -118,13 +189,10 @@ def main(argv):
   try:
     mesh, mesh_reason = loading.choose_mesh(config, named, longest)
     shapes, _, _ = loading.load_model(step_dir, config, named, mesh, max_context,
-                                         abstract=True)  # the parameters' shapes only
+                                      abstract=True)  # the parameters' shapes only
     mesh_lib.validate(shapes.config, mesh)
   except (ConfigError, ValueError) as error:
     cli.fail(str(error))
-  eos_ids = loading.end_of_sequence_ids(saved)
-  if tokenizer is not None:
-    eos_ids.append(tokenizer.eos_id())
   engine = Engine(shapes, mesh, tokenizer=tokenizer, eos_ids=eos_ids,
                   batch_size=config.serve.batch_size, min_bucket=config.serve.min_bucket,
                   decode_chunk=config.serve.decode_chunk)
@@ -135,9 +203,9 @@ def main(argv):
 
   # The executables need only the parameters' shapes: compile while the checkpoint loads.
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    loading = pool.submit(timed_load)
+    loaded = pool.submit(timed_load)
     engine.compile(requests)
-    model, load_s = loading.result()
+    model, load_s = loaded.result()
   engine.use_parameters(model)
 
   with tqdm(total=len(requests), desc="serve", unit="req", disable=None, file=sys.stderr) as bar:
@@ -181,5 +249,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["checkpoint", "input", "output"])
+  flags.mark_flags_as_required(["checkpoint"])
   app.run(main, flags_parser=cli.parse_flags)

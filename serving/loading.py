@@ -27,13 +27,15 @@ def load_tokenizer(step_dir: str, saved: dict, required: bool = True):
     return None
 
 
-def choose_mesh(config, named: set[str], longest: int, devices=None):
+def choose_mesh(config, named: set[str], longest: int, devices=None, slots_split=True):
   """(mesh, why) to serve on: --config.mesh.* when the command line named any; else every
   device on the ring (sequence) when a request needs it (serve.cache_sharding; `longest`:
   the longest request's prompt + max_tokens), or on the batch. On CPU, one device for
   the batch, since virtual devices share the same cores and each would hold a copy of
   the parameters (measured: 8 virtual devices decode at about half the speed of one).
-  `devices`: default jax.devices() (tools/aot.py passes a TPU slice's compile-only ones)."""
+  `devices`: default jax.devices() (tools/aot.py passes a TPU slice's compile-only ones).
+  `slots_split=False` (the HTTP server, whose slots stay whole on the ring): the ring
+  over every device wherever the batch would have been split over them."""
   import jax
 
   from parallel import mesh as mesh_lib
@@ -54,6 +56,9 @@ def choose_mesh(config, named: set[str], longest: int, devices=None):
     return (mesh_lib.make_mesh({"data": 1}, devices[:1]),
             f"CPU and no request of {long_context} tokens or more: one device (virtual "
             "devices share the cores)")
+  if not slots_split:
+    return (mesh_lib.make_mesh({"sequence": -1}, devices),
+            "the server's slots are not split over devices: the ring over every device")
   return mesh_lib.make_mesh({"data": -1}, devices), "short requests: every device on the batch"
 
 
