@@ -11,8 +11,15 @@ Hugging Face model. One request per line (serving/requests.py):
 
 (`prompt_tokens`: [ids] instead of `prompt`). One result per line, in input order:
 `line`, `id`, `completion`, `tokens`, `finish_reason` (stop | length | error),
-`prompt_tokens`, `logprobs` when asked, `error` when the line could not be served. A
-bad line never stops the others. The last stderr line is a JSON report; stdout ends
+`prompt_tokens`, `logprobs` when asked, `error` (and its HTTP-like `status`) when the
+line could not be served. A bad line never stops the others. A line may also be in the
+OpenAI Batch format, as `vllm run-batch` reads it; its result is then an OpenAI Batch
+output line:
+
+  {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+   "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}}
+  -> {"id", "custom_id": "q1", "response": {"status_code": 200, "request_id", "body":
+      <the endpoint's response>}, "error": null} The last stderr line is a JSON report; stdout ends
 with a summary.
 
 The engine is serving/engine.py's: prefill on the ring with the cache left sharded over
@@ -117,6 +124,12 @@ def main(argv):
               process_start, main_start)
 
 
+def served_model_name(step_dir: str) -> str:
+  """The id clients send as `model`: --served_model_name, else the run's directory name."""
+  from model import checkpoint as ckpt_lib
+  return FLAGS.served_model_name or os.path.basename(os.path.normpath(ckpt_lib.run_dir(step_dir)))
+
+
 def serve_http(config, named, step_dir, saved, max_context, tokenizer, eos_ids) -> int:
   """The OpenAI-compatible server on --host:--port until SIGTERM; returns the exit status."""
   import logging
@@ -137,8 +150,7 @@ def serve_http(config, named, step_dir, saved, max_context, tokenizer, eos_ids) 
   except (ConfigError, ValueError) as error:
     cli.fail(str(error))
   template, special = chat.load_template(os.path.join(ckpt_lib.run_dir(step_dir), "assets"))
-  model_name = FLAGS.served_model_name or os.path.basename(
-      os.path.normpath(ckpt_lib.run_dir(step_dir)))
+  model_name = served_model_name(step_dir)
   app = service.Service(
       shapes, mesh, config.serve, max_context=max_context, capacity=capacity,
       tokenizer=tokenizer, eos_ids=eos_ids, model_name=model_name, api_key=FLAGS.api_key,
@@ -165,9 +177,13 @@ def serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
   from core.errors import ConfigError
   from model import transformer
   from parallel import mesh as mesh_lib
+  from model import checkpoint as ckpt_lib
   from serving import loading
   from serving.engine import Engine
+  from serving import chat, openai_format
   from serving.requests import RequestError, error_record, parse_request, request_id
+  template, special = chat.load_template(os.path.join(ckpt_lib.run_dir(step_dir), "assets"))
+  model_name = served_model_name(step_dir)
   try:
     with open(FLAGS.input, "rb") as f:
       lines = f.read().split(b"\n")
@@ -181,9 +197,11 @@ def serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
       requests.append(parse_request(
           number, raw, tokenizer=tokenizer, vocab_size=saved["model"]["vocab_size"],
           max_context=max_context, default_max_tokens=config.serve.max_tokens,
-          default_seed=config.seed))
+          default_seed=config.seed, model_name=model_name,
+          chat_template=chat.compile_template(template, special) if template else None))
     except RequestError as error:
-      results[number] = error_record(number, request_id(raw), str(error))
+      results[number] = error_record(number, request_id(raw), str(error), error.status,
+                                     error.param)
 
   longest = max((len(r.prompt_tokens) + r.max_tokens for r in requests), default=0)
   try:
@@ -214,9 +232,12 @@ def serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
   output = os.path.abspath(FLAGS.output)
   os.makedirs(os.path.dirname(output), exist_ok=True)
   temporary = output + ".tmp"
+  token_text = (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
   with open(temporary, "w") as f:
     for number in range(1, len(lines) + 1):
-      f.write(json.dumps(results[number]) + "\n")
+      record = openai_format.batch_output(lines[number - 1], results[number],
+                                          model_name=model_name, token_text=token_text)
+      f.write(json.dumps(record or results[number]) + "\n")
   os.replace(temporary, output)
 
   stats = engine.stats

@@ -7,8 +7,9 @@
   GET  /health                200 when serving; 503 while loading or draining
   GET  /metrics               Prometheus (serving/metrics.py)
 
-Request bodies are pydantic models (unknown fields refused), then the batch mode's own
-checks (serving/requests.check_fields), so a bad field gets the same message in both.
+Request bodies are read by serving/openai_format.py (pydantic models, unknown fields
+refused), then checked by the batch mode's own checks (serving/requests.check_fields),
+so a bad field gets the same message in both.
 Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with
 its status: 400 a bad field, 401 a missing or wrong API key, 404 an unknown model or
 path, 413 a body over serve.max_body_mb or a prompt beyond the context, 429 the queue
@@ -19,91 +20,19 @@ import asyncio
 import json
 import secrets
 import time
-from typing import Literal
 
-import pydantic
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import chat
+from serving import openai_format
+from serving.openai_format import ApiError
 from serving.requests import RequestError, check_fields
 from serving.scheduler import QueueFull
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-               404: "not_found_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
-
-
-class ApiError(Exception):
-  def __init__(self, status: int, message: str, param: str | None = None,
-               code: str | None = None, headers: dict | None = None):
-    super().__init__(message)
-    self.status, self.message, self.param, self.code = status, message, param, code
-    self.headers = headers or {}
-
 
 def error_response(error: ApiError) -> JSONResponse:
-  body = {"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "error"),
-                    "param": error.param, "code": error.code}}
-  return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-
-class _Body(pydantic.BaseModel):
-  """Fields both endpoints take (OpenAI's names). Strict: "5" is not an integer."""
-  model_config = pydantic.ConfigDict(extra="forbid", strict=True)
-  model: str | None = None
-  max_tokens: int | None = None
-  temperature: float | None = None
-  top_p: float | None = None
-  top_k: int | None = None
-  stop: str | list[str] | None = None
-  seed: int | None = None
-  stream: bool = False
-  stream_options: dict | None = None
-  user: str | None = None
-  n: int = 1
-  presence_penalty: float = 0.0
-  frequency_penalty: float = 0.0
-
-
-class CompletionBody(_Body):
-  prompt: str | list[int] | list[str]
-  logprobs: int | None = None  # OpenAI: how many alternatives; here the chosen token's only
-  echo: bool = False
-
-
-class Message(pydantic.BaseModel):
-  model_config = pydantic.ConfigDict(extra="forbid", strict=True)
-  role: Literal["system", "user", "assistant", "developer"]
-  content: str
-  name: str | None = None
-
-
-class ChatBody(_Body):
-  messages: list[Message]
-  logprobs: bool = False
-  top_logprobs: int | None = None
-  max_completion_tokens: int | None = None
-
-
-def _validate(model_type, raw: bytes):
-  try:
-    fields = json.loads(raw)
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise ApiError(400, f"the body is not valid JSON: {error}") from None
-  if not isinstance(fields, dict):
-    raise ApiError(400, "the body must be a JSON object")
-  try:
-    return model_type.model_validate(fields)
-  except pydantic.ValidationError as error:
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    what = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-    known = ", ".join(sorted(model_type.model_fields))
-    hint = f"; known fields: {known}" if first["type"] == "extra_forbidden" else ""
-    raise ApiError(400, f"`{param}`: {what}{hint}", param) from None
-
+  return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 class Server:
   """The app's state: what it serves and whether it is ready.
@@ -160,22 +89,6 @@ class Server:
     if self.state != "ready":
       raise ApiError(503, f"the server is {self.state}", headers={"Retry-After": "5"})
 
-  def _fields(self, body: _Body) -> dict:
-    """The shared checks' fields from an OpenAI body's."""
-    if body.model is not None and body.model != self.model_name:
-      raise ApiError(404, f"model `{body.model}` is not served here; this server serves "
-                     f"`{self.model_name}`", "model", "model_not_found")
-    if body.n != 1:
-      raise ApiError(400, "`n` must be 1 (send one request per completion)", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-      if getattr(body, name) != 0:
-        raise ApiError(400, f"`{name}` is not supported; leave it 0", name)
-    fields = {"stop": body.stop}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
-      if getattr(body, name) is not None:
-        fields[name] = getattr(body, name)
-    return fields
-
   def _submit(self, fields: dict, on_update):
     try:
       request = check_fields(0, fields, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
@@ -210,37 +123,9 @@ class Server:
   async def completions(self, http: HttpRequest, chat_mode: bool):
     self._authorize(http)
     self._available()
-    body = _validate(ChatBody if chat_mode else CompletionBody, await self._body(http))
-    fields = self._fields(body)
-    if chat_mode:
-      if self.chat_template is None:
-        raise ApiError(400, "this checkpoint has no chat template (tokenizer_config.json's "
-                       "chat_template): use /v1/completions", "messages")
-      if not body.messages:
-        raise ApiError(400, "`messages` is empty", "messages")
-      if body.max_completion_tokens is not None:
-        fields["max_tokens"] = body.max_completion_tokens
-      try:
-        fields["prompt"] = chat.render(self.chat_template,
-                                       [m.model_dump(exclude_none=True) for m in body.messages])
-      except chat.TemplateError as error:
-        raise ApiError(400, f"the chat template refused the messages: {error}",
-                       "messages") from None
-      fields["logprobs"] = body.logprobs
-    else:
-      prompt = body.prompt
-      if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-          raise ApiError(400, "one prompt per request (`prompt` holds "
-                         f"{len(prompt)} strings)", "prompt")
-        prompt = prompt[0]
-      fields["prompt" if isinstance(prompt, str) else "prompt_tokens"] = prompt
-      if body.logprobs is not None and not 0 <= body.logprobs <= 5:
-        raise ApiError(400, f"`logprobs` must be in [0, 5], got {body.logprobs}", "logprobs")
-      fields["logprobs"] = body.logprobs is not None
-      if body.echo:
-        raise ApiError(400, "`echo` is not supported", "echo")
-
+    body = openai_format.parse_body(chat_mode, await self._body(http))
+    fields = openai_format.request_fields(body, model_name=self.model_name,
+                                          chat_template=self.chat_template)
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     job = self._submit(fields, lambda job: loop.call_soon_threadsafe(changed.set))
@@ -266,39 +151,17 @@ class Server:
     return JSONResponse(self._response(job, ident, chat_mode))
 
   def _usage(self, job) -> dict:
-    prompt = len(job.request.prompt_tokens)
-    generated = len(job.completion.tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": generated,
-            "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
-
-  def _logprobs(self, job, chat_mode: bool):
-    if not job.request.logprobs:
-      return None
-    tokens, logprobs = job.completion.tokens, job.completion.logprobs
-    if chat_mode:
-      return {"content": [{"token": self._token_text(t), "logprob": p, "bytes": None,
-                           "top_logprobs": []} for t, p in zip(tokens, logprobs)]}
-    texts = [self._token_text(t) for t in tokens]
-    offsets, at = [], 0
-    for text in texts:
-      offsets.append(at)
-      at += len(text)
-    return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": None,
-            "text_offset": offsets}
+    return openai_format.usage(len(job.request.prompt_tokens), len(job.completion.tokens),
+                               job.cached_tokens)
 
   def _response(self, job, ident: str, chat_mode: bool) -> dict:
-    text = self._visible_text(job)
-    choice = {"index": 0, "finish_reason": job.completion.finish_reason,
-              "logprobs": self._logprobs(job, chat_mode),
-              "token_ids": job.completion.tokens}
-    if chat_mode:
-      choice["message"] = {"role": "assistant", "content": text}
-    else:
-      choice["text"] = text
-    return {"id": ident, "object": "chat.completion" if chat_mode else "text_completion",
-            "created": int(time.time()), "model": self.model_name, "choices": [choice],
-            "usage": self._usage(job)}
+    completion = job.completion
+    return openai_format.response_body(
+        chat_mode=chat_mode, ident=ident, created=int(time.time()),
+        model_name=self.model_name, text=self._visible_text(job), tokens=completion.tokens,
+        logprobs=completion.logprobs if job.request.logprobs else None,
+        finish_reason=completion.finish_reason, prompt_tokens=len(job.request.prompt_tokens),
+        cached_tokens=job.cached_tokens, token_text=self._token_text)
 
   async def _stream(self, http, job, changed, ident, chat_mode, include_usage):
     created = int(time.time())
@@ -335,9 +198,8 @@ class Server:
         if job.done:
           break
       if job.error is not None:
-        error = {"error": {"message": f"the request failed: {job.error}",
-                           "type": "server_error", "param": None, "code": None}}
-        yield f"data: {json.dumps(error)}\n\n"
+        error = ApiError(500, f"the request failed: {job.error}")
+        yield f"data: {json.dumps(error.body())}\n\n"
       else:
         yield chunk(finish=job.completion.finish_reason)
         if include_usage:

@@ -156,7 +156,7 @@ class Engine:
       except Exception as error:  # noqa: BLE001 (the batch's lines report it)
         message = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
         for request in batch:
-          results[request.line] = error_record(request.line, request.id, message)
+          results[request.line] = error_record(request.line, request.id, message, status=500)
       if progress is not None:
         progress.update(len(batch))
     return results

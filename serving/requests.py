@@ -5,7 +5,9 @@ checks, so a bad request gets the same message everywhere.
   {"id": 7, "prompt": "def fib(n):", "max_tokens": 64, "temperature": 0, "top_k": 0,
    "top_p": 1.0, "stop": ["\\n\\n"], "seed": 0, "logprobs": false}
 
-(`prompt_tokens`: [ids] instead of `prompt`.)
+(`prompt_tokens`: [ids] instead of `prompt`.) A line may instead be an OpenAI Batch line,
+`{"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
+"body": {...}}`, read by serving/openai_format.py (the body as the HTTP server reads it).
 """
 
 import dataclasses
@@ -38,6 +40,7 @@ class Request:
   stop: tuple = ()
   seed: int = 0
   logprobs: bool = False
+  endpoint: str | None = None  # an OpenAI Batch line's url (its result is written that way)
 
 
 def _is_int(value) -> bool:
@@ -49,8 +52,11 @@ def _is_number(value) -> bool:
 
 
 def parse_request(line: int, raw: bytes, *, tokenizer, vocab_size: int, max_context: int,
-                  default_max_tokens: int, default_seed: int) -> Request:
-  """A Request from one input line, or RequestError naming what is wrong."""
+                  default_max_tokens: int, default_seed: int, model_name: str = "",
+                  chat_template=None) -> Request:
+  """A Request from one input line (ringlm's fields or an OpenAI Batch line, whose body's
+  `model`, when given, must be `model_name`; chats need `chat_template`), or
+  RequestError naming what is wrong."""
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as error:
@@ -63,13 +69,24 @@ def parse_request(line: int, raw: bytes, *, tokenizer, vocab_size: int, max_cont
     raise RequestError(f"invalid JSON: {error}") from None
   if not isinstance(fields, dict):
     raise RequestError("a request is a JSON object")
+  check = dict(tokenizer=tokenizer, vocab_size=vocab_size, max_context=max_context,
+               default_max_tokens=default_max_tokens, default_seed=default_seed)
+  if "custom_id" in fields:
+    from serving import openai_format
+    try:
+      custom_id, chat_mode, body = openai_format.batch_line(fields)
+      body = openai_format.parse_body(chat_mode, body)
+      request = check_fields(line, openai_format.request_fields(
+          body, model_name=model_name, chat_template=chat_template), **check)
+    except openai_format.ApiError as error:
+      raise RequestError(error.message, error.param, error.status) from None
+    request.id, request.endpoint = custom_id, fields["url"]
+    return request
   unknown = sorted(set(fields) - REQUEST_FIELDS)
   if unknown:
     raise RequestError(f"unknown field(s) {', '.join(unknown)}; known: "
                        f"{', '.join(sorted(REQUEST_FIELDS))}", unknown[0])
-  return check_fields(line, fields, tokenizer=tokenizer, vocab_size=vocab_size,
-                      max_context=max_context, default_max_tokens=default_max_tokens,
-                      default_seed=default_seed)
+  return check_fields(line, fields, **check)
 
 
 def check_fields(line: int, fields: dict, *, tokenizer, vocab_size: int, max_context: int,
@@ -137,14 +154,21 @@ def check_fields(line: int, fields: dict, *, tokenizer, vocab_size: int, max_con
                  stop=tuple(stop), seed=seed % 2 ** 32, logprobs=logprobs)
 
 
-def error_record(line: int, request_id, message: str) -> dict:
-  return {"line": line, "id": request_id, "finish_reason": "error", "error": message}
+def error_record(line: int, request_id, message: str, status: int = 400,
+                 param: str | None = None) -> dict:
+  """The result of a request that could not be served; `status` as an HTTP server would
+  answer it (400 a bad field, 413 too long, 500 failed while running)."""
+  return {"line": line, "id": request_id, "finish_reason": "error", "error": message,
+          "status": status, "param": param}
 
 
 def request_id(raw: bytes):
-  """The `id` of a line that failed to parse, when it has one."""
+  """The `id` (an OpenAI Batch line's `custom_id`) of a line that failed to parse, when
+  it has one."""
   try:
     fields = json.loads(raw)
   except (ValueError, UnicodeDecodeError):
     return None
-  return fields.get("id") if isinstance(fields, dict) else None
+  if not isinstance(fields, dict):
+    return None
+  return fields["custom_id"] if "custom_id" in fields else fields.get("id")

@@ -115,12 +115,14 @@ def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
         f"{size(free)} free after the parameters and serve.prefix_cache_mb; "
         f"{source}): set --config.model.max_seq_len={single} --config.serve.batch_size=1, "
         f"or give it more memory ({lever})")
+  shorter = (f"--config.model.max_seq_len={fit['max_context']}, or "
+             if fit["max_context"] >= serve.min_bucket else "")
   raise ConfigError(
       f"serve.batch_size={serve.batch_size}: {serve.batch_size} slots of "
       f"model.max_seq_len={max_context} tokens need {need} of KV cache; "
       f"{size(free)} is free after the parameters and serve.prefix_cache_mb "
-      f"({source}): set --config.serve.batch_size={fit['max_batch']}, or "
-      f"--config.model.max_seq_len={fit['max_context']}, or give it more memory ({lever})")
+      f"({source}): set --config.serve.batch_size={fit['max_batch']}, or {shorter}"
+      f"give it more memory ({lever})")
 
 
 class Service:

@@ -155,6 +155,41 @@ def test_completions_and_chat_equal_the_batch_mode(client, batch_reference):
   assert [m.id for m in client.models.list().data] == ["run"]
 
 
+def test_openai_batch_lines_are_served_as_the_server_serves_them(checkpoint, client,
+                                                                tmp_path):
+  bodies = {"/v1/completions": {"prompt": "import os\n", "max_tokens": 7, "logprobs": 1},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "hello"}],
+                                     "max_tokens": 5, "temperature": 0.8, "seed": 3}}
+  lines = [json.dumps({"custom_id": f"q{i}", "method": "POST", "url": url, "body": body})
+           for i, (url, body) in enumerate(bodies.items())]
+  lines += [json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings",
+                        "body": {}}),
+            json.dumps({"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
+                        "body": {"prompt": "x", "max_tokens": 900}}),
+            json.dumps({"custom_id": "bad-field", "method": "POST", "url": "/v1/completions",
+                        "body": {"prompt": "x", "max_tokens": "9"}}),
+            json.dumps({"prompt": "import os\n", "max_tokens": 7})]
+  result, output = run_serve(checkpoint, [line.encode() + b"\n" for line in lines], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in output.read_text().splitlines()]
+  served = [client.completions.create(model="run", **bodies["/v1/completions"]),
+            client.chat.completions.create(model="run", **bodies["/v1/chat/completions"])]
+  for record, response, custom_id in zip(records, served, ("q0", "q1")):
+    assert record["custom_id"] == custom_id and record["error"] is None
+    assert record["response"]["status_code"] == 200
+    body = record["response"]["body"]
+    assert body["object"] == response.object and body["usage"] == response.usage.model_dump(
+        exclude_none=True) | {"prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["choices"][0]["token_ids"] == token_ids(response.choices[0])
+  assert records[0]["response"]["body"]["choices"][0]["logprobs"]["token_logprobs"] == \
+      pytest.approx(served[0].choices[0].logprobs.token_logprobs, abs=1e-4)
+  statuses = [(r["custom_id"], r["response"]["status_code"], r["response"]["body"]["error"]
+               ["param"]) for r in records[2:5]]
+  assert statuses == [("bad-url", 404, "url"), ("too-long", 413, "max_tokens"),
+                      ("bad-field", 400, "max_tokens")]
+  assert records[5]["tokens"] == token_ids(served[0].choices[0])  # ringlm's own format
+
+
 def test_seeded_sampling_is_reproducible(client):
   ask = lambda seed: token_ids(client.completions.create(
       model="run", prompt="def main(", max_tokens=16, temperature=1.0, seed=seed).choices[0])
