@@ -34,9 +34,12 @@ ring-check: $(STAMP)
 # Every benchmark against its peers in one run (~25 min): attention (ringattention,
 # one-device XLA), training throughput, decoding (transformers generate), memory vs
 # context; JSON in bench/results, every table in docs/benchmarks.md, a summary in README.md.
+# Then the HTTP server under load against `transformers serve --continuous-batching`
+# (bench/serve_load.py, ~10 min; its own JSON and table in bench/results).
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.all
+	$(PY) -m bench.serve_load
 
 # pytest exits 5 when it collected no tests: that is a failure here, said plainly.
 test: $(STAMP) $(GPU_AOT_STAMP)

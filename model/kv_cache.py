@@ -70,6 +70,10 @@ class SlotCache:
   values: tuple         # per layer [B, K, C, D]
   positions: jax.Array  # [B, C] int32
   fill: jax.Array       # [B] int32: the next slot each row writes
+  # Slots attended: only the first `live` global slots of every row (0: all C), a
+  # multiple of the ring, so that a step reads the part of the cache in use, not all
+  # of it. Static: each value is its own compiled program (serving/slots.py buckets it).
+  live: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property
   def capacity(self) -> int:

@@ -310,7 +310,7 @@ def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence"):
 
 
 def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
-                    axis="sequence", scale=None):
+                    axis="sequence", scale=None, live=0):
   """Attention of L new tokens per row over a sequence-sharded KV cache (a decode
   step: L = 1; a chunk of a prompt prefilled into a SlotCache: L > 1).
 
@@ -327,6 +327,9 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     cache_positions: [B, C] int32 token position of each slot (EMPTY: none).
     q_positions: [B, L] int32; a slot is visible to a query when its position <= the
       query's.
+    live: attend only to the first `live` global slots (a multiple of the ring size N:
+      local slots [0, live / N) of every device, as ring.slot_write lays them out);
+      0: all C. Slots beyond must hold nothing a query should see.
   Returns:
     [B, L, H, D] in q.dtype, sharded like q.
   """
@@ -335,9 +338,17 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
   q_spec = jax.P(batch_axes, None, sharding.RULES["heads"], None)
   k_spec, v_spec = cache_spec(axis, 4, KEY_SLOTS), cache_spec(axis, 4, VALUE_SLOTS)
 
+  ring_size = mesh.shape[axis]
+  if live and (live % ring_size or live > k_cache.shape[-1]):
+    raise ValueError(f"live={live} must be a multiple of the ring ({ring_size}) and at most "
+                     f"the cache's {k_cache.shape[-1]} slots")
+
   def local(q, k, v, kv_pos, q_pos):
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    if live:
+      used = live // ring_size
+      k, v, kv_pos = k[..., :used], v[:, :, :used], kv_pos[:, :used]
     # [B, L, H, D] -> [B, K, G, L, D]
     grouped = jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim),
                            1, 3).astype(jnp.float32)

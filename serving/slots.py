@@ -3,15 +3,19 @@
 The programs (all compiled ahead, from shapes, by `compile_all`; their number is
 `len(programs)`):
 
-- `chunk` (one per chunk size L and sampling on/off): prefills L tokens of one
+- `chunk` (one per chunk size L and live bucket >= L): prefills L tokens of one
   request's prompt into its row of the cache, at the row's fill, attending over what
-  the row already holds (earlier chunks, a cached prefix) and over itself; returns the
-  first sampled token when the chunk is the prompt's last. A long prompt is prefilled
+  the row already holds (earlier chunks, a cached prefix) and over itself, within the
+  row's first `live` slots; returns the first token (greedy or sampled, as the
+  request asks) when the chunk is the prompt's last. A long prompt is prefilled
   chunk by chunk between decode calls, so the other slots' streams stall for at most
   one chunk.
-- `decode` (sampling on/off): up to `decode_steps` steps of every slot at once, each
-  row at its own position and fill; rows that are not decoding (`done`) write into
-  their last slot and are ignored.
+- `decode` (sampling on/off, and a live bucket): up to `decode_steps` steps of every
+  slot at once, each row at its own position and fill; rows that are not decoding
+  (`done`) write into their last slot and are ignored. Attention reads only the first
+  `live` slots of every row (SlotCache.live), the smallest bucket (`live_buckets`:
+  powers of two from MIN_LIVE, and the capacity) that holds every decoding row's
+  tokens, so a step costs what the cache holds, not what it could hold.
 - `copy_prefix` / `take_prefix` (one per prefix length bucket): a cached prompt prefix
   put into a row, or a row's first slots kept (serving/prefix_cache.py).
 
@@ -24,6 +28,7 @@ Dimension letters: core/__init__.py (B = decode slots, L = a chunk's tokens,
 C = slots of a row).
 """
 
+import dataclasses
 import functools
 import time
 
@@ -36,6 +41,7 @@ from model import kv_cache
 from parallel import ring, sharding
 from serving.sampling import sample
 
+MIN_LIVE = 128  # smallest live bucket of the decode program
 SAMPLING_FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
                    ("seed", np.uint32))
 
@@ -62,14 +68,15 @@ class SlotEngine:
       chunk, rounded up to a multiple of the ring (capacity_for).
     chunk_sizes: the prompt chunk lengths L compiled (chunk_sizes()).
     decode_steps: decode steps per call.
+    min_live: the smallest live bucket of the decode program (live_buckets).
   """
 
   def __init__(self, model, mesh, *, slots: int, capacity: int, chunks: tuple,
-               decode_steps: int, eos_ids=()):
+               decode_steps: int, eos_ids=(), min_live: int = MIN_LIVE):
     self.model, self.mesh = model, mesh
     self.graphdef, self.state = nnx.split(model)
     self.slots, self.capacity, self.chunks = slots, capacity, tuple(chunks)
-    self.decode_steps = decode_steps
+    self.decode_steps, self.min_live = decode_steps, min_live
     self.eos_ids = tuple(sorted({int(e) for e in eos_ids if e is not None and e >= 0}))
     self.ring = mesh.shape["sequence"]
     self.programs = {}
@@ -93,28 +100,32 @@ class SlotEngine:
 
   # --- the programs --------------------------------------------------------------------
 
-  def _chunk_fn(self, state, cache, row, start, tokens, positions, last, params, *,
-                sampling):
+  def _chunk_fn(self, state, cache, row, start, tokens, positions, last, params, *, live):
     """Row `row`'s next L prompt tokens (tokens, positions [1, L]; positions EMPTY at
-    padding) written from slot `start`; the token sampled after index `last`."""
+    padding) written from slot `start` (start + L <= live); the token sampled after
+    index `last`."""
     model = nnx.merge(self.graphdef, state)
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
     mine = jax.tree.map(take, cache)
     mine = kv_cache.SlotCache(mine.keys, mine.values, mine.positions,
                               jnp.reshape(start, (1,)).astype(jnp.int32))
     mine = mine.clear_from(self.mesh)  # a new request: nothing of the row's last one
-    hidden, mine = model.forward(tokens, positions, cache=mine)
+    hidden, mine = model.forward(tokens, positions, cache=dataclasses.replace(mine, live=live))
+    mine = dataclasses.replace(mine, live=0)
     logits = model.head(jax.lax.dynamic_slice_in_dim(hidden, last, 1, axis=1))[:, 0]
-    token, logprob = sample(logits, *params, jnp.zeros((1,), jnp.int32), sampling=sampling)
+    token, logprob = sample(logits, *params, jnp.zeros((1,), jnp.int32), sampling=True)
     put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, row, axis=0)
     cache = jax.tree.map(put, cache, mine)
     return token[0], logprob[0], cache
 
   def _decode_fn(self, state, cache, token, position, fill, done, generated, max_tokens,
-                 params, *, steps, sampling):
+                 params, *, steps, sampling, live):
     """Up to `steps` steps of every row not `done` ([B] arrays); stops early when every
-    row is done. Returns (steps run, cache, tokens [B, steps], logprobs [B, steps])."""
+    row is done. Attends to the first `live` slots of each row (every decoding row's
+    fill + steps must be within them). Returns (steps run, cache, tokens [B, steps],
+    logprobs [B, steps])."""
     model = nnx.merge(self.graphdef, state)
+    cache = dataclasses.replace(cache, live=live)
     eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
     rows, last_slot = token.shape[0], self.capacity - 1
 
@@ -126,7 +137,7 @@ class SlotEngine:
       i, cache, token, position, fill, done, out_tokens, out_logprobs = carry
       # A row that is not decoding writes into its last slot (cleared before reuse).
       cache = kv_cache.SlotCache(cache.keys, cache.values, cache.positions,
-                                 jnp.where(done, last_slot, fill))
+                                 jnp.where(done, last_slot, fill), live=live)
       hidden, cache = model.forward(token[:, None], position[:, None], cache=cache)
       next_token, logprob = sample(model.head(hidden)[:, 0], *params, generated + i,
                                    sampling=sampling)
@@ -139,7 +150,7 @@ class SlotEngine:
     carry = (jnp.zeros((), jnp.int32), cache, token, position, fill, done,
              jnp.zeros((rows, steps), jnp.int32), jnp.zeros((rows, steps), jnp.float32))
     steps_done, cache, *_, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, carry)
-    return steps_done, cache, out_tokens, out_logprobs
+    return steps_done, dataclasses.replace(cache, live=0), out_tokens, out_logprobs
 
   def _compile(self, name, function, args, static, donate=(), shape=None):
     key = (name, static, shape)
@@ -170,7 +181,7 @@ class SlotEngine:
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=named(()))
     return cache, rows, scalar
 
-  def chunk_program(self, length: int, sampling: bool):
+  def chunk_program(self, length: int, live: int):
     cache, _, scalar = self._shapes()
     replicated = sharding.named_sharding(self.mesh, ())
     prompt = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=replicated)
@@ -178,16 +189,30 @@ class SlotEngine:
                    for _, dtype in SAMPLING_FIELDS)
     args = (self.state, cache, scalar(jnp.int32), scalar(jnp.int32), prompt, prompt,
             scalar(jnp.int32), params)
-    return self._compile("chunk", self._chunk_fn, args,
-                         (("sampling", sampling),), donate=(1,), shape=length)
+    return self._compile("chunk", self._chunk_fn, args, (("live", live),), donate=(1,),
+                         shape=length)
 
-  def decode_program(self, sampling: bool):
+  def live_buckets(self) -> list[int]:
+    """The programs' live sizes: powers of two from min_live (multiples of the
+    ring) below the capacity, then the capacity."""
+    sizes, size = [], self.min_live
+    while size < self.capacity:
+      sizes.append(-(-size // self.ring) * self.ring)
+      size *= 2
+    return sorted(set(s for s in sizes if s < self.capacity)) + [self.capacity]
+
+  def live_bucket(self, slots: int) -> int:
+    """The smallest live size holding `slots` slots of every row."""
+    return next(size for size in self.live_buckets() if size >= slots)
+
+  def decode_program(self, sampling: bool, live: int):
     cache, rows, _ = self._shapes()
     args = (self.state, cache, rows(jnp.int32), rows(jnp.int32), rows(jnp.int32),
             rows(jnp.bool_), rows(jnp.int32), rows(jnp.int32),
             tuple(rows(dtype) for _, dtype in SAMPLING_FIELDS))
     return self._compile("decode", self._decode_fn, args,
-                         (("steps", self.decode_steps), ("sampling", sampling)), donate=(1,))
+                         (("steps", self.decode_steps), ("sampling", sampling),
+                          ("live", live)), donate=(1,))
 
   # Prefixes (serving/prefix_cache.py): a row's first slots out, or into another row.
   def prefix_bucket(self, tokens: int) -> int:
@@ -259,10 +284,12 @@ class SlotEngine:
   def compile_all(self, prefix_block: int = 0) -> int:
     """Compiles every program serving can run (with `prefix_block`, the prefix cache's
     too); returns how many there are."""
-    for sampling in (False, True):
-      self.decode_program(sampling)
+    for live in self.live_buckets():
+      for sampling in (False, True):
+        self.decode_program(sampling, live)
       for length in self.chunks:
-        self.chunk_program(length, sampling)
+        if length <= live:
+          self.chunk_program(length, live)
     if prefix_block:
       lengths = {self.prefix_bucket(n) for n in range(prefix_block, self.capacity + 1,
                                                          prefix_block)}
@@ -280,7 +307,7 @@ class SlotEngine:
     prompt into `row` from slot `start`; returns (token, logprob) sampled after index
     `last` of the chunk (meaningful for a prompt's last chunk)."""
     length = len(tokens)
-    program = self.chunk_program(length, request.temperature > 0)
+    program = self.chunk_program(length, self.live_bucket(start + length))
     replicated = sharding.named_sharding(self.mesh, ())
     put = lambda x: jax.device_put(x, replicated)
     params = tuple(put(np.asarray([getattr(request, field)], dtype))
@@ -294,7 +321,8 @@ class SlotEngine:
   def decode(self, token, position, fill, done, generated, max_tokens, params, sampling):
     """One decode call over every slot ([B] numpy arrays; params: the SAMPLING_FIELDS
     arrays). Returns (steps, tokens [B, steps], logprobs [B, steps]) as numpy."""
-    program = self.decode_program(sampling)
+    needed = int(np.max(np.where(done, 0, fill))) + self.decode_steps
+    program = self.decode_program(sampling, self.live_bucket(min(needed, self.capacity)))
     args = [self._rows(x) for x in (token, position, fill, done, generated, max_tokens)]
     steps, self.cache, tokens, logprobs = program(
         self.state, self.cache, *args, tuple(self._rows(p) for p in params))

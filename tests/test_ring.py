@@ -76,3 +76,40 @@ def test_unknown_impl_is_a_clear_error(single_device_mesh, rng):
   q, k, v, positions, *_ = attention_inputs(rng, batch=1, q_len=16)
   with pytest.raises(ValueError, match="attention.impl='triton' is not available"):
     ring_attention(q, k, v, positions=positions, mesh=single_device_mesh, impl="triton")
+
+
+@pytest.mark.parametrize("ring_size", [1, 8])
+def test_cache_attention_reads_only_the_live_slots(ring_size, rng):
+  """ring.cache_attention over a slot cache laid out as ring.slot_write lays it (global
+  slot g on device g % N, local index g // N) against float64 NumPy over the first
+  `live` global slots; the slots beyond hold visible garbage that must not be read."""
+  from parallel.ring import cache_attention
+  devices = jax.devices()[:ring_size]
+  mesh = make_mesh({"sequence": ring_size}, devices=devices)
+  batch, length, heads, kv_heads, dim, capacity, live = 2, 3, 4, 2, 8, 64, 32
+  q = rng.standard_normal((batch, length, heads, dim)).astype(np.float32)
+  k_global = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+  v_global = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+  positions_global = np.tile(np.arange(capacity, dtype=np.int32), (batch, 1))
+  q_positions = np.array([[20, 25, 31], [5, 9, 28]], np.int32)
+  # array column d * (C / N) + l holds global slot l * N + d
+  local = capacity // ring_size
+  columns = np.arange(capacity)
+  order = (columns % local) * ring_size + columns // local
+  k = np.transpose(k_global[:, :, order], (0, 1, 3, 2))  # [B, K, D, C]
+  v, positions = v_global[:, :, order], positions_global[:, order]
+  positions = np.where(order >= live, 0, positions)  # beyond live: visible garbage
+  out = cache_attention(q, k, v, positions, q_positions, mesh=mesh, live=live)
+
+  qg = q.astype(np.float64).reshape(batch, length, kv_heads, heads // kv_heads, dim)
+  kg, vg = k_global[:, :, :live].astype(np.float64), v_global[:, :, :live].astype(np.float64)
+  scores = np.einsum("blkgd,bkcd->bkglc", qg, kg) / np.sqrt(dim)
+  visible = positions_global[:, None, None, None, :live] <= q_positions[:, None, None, :, None]
+  scores = np.where(visible, scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum("bkglc,bkcd->blkgd", weights, vg).reshape(batch, length, heads, dim)
+  assert _relative_error(out, expected) < 1e-5
+  # without `live`, the garbage is read: the check above can tell the difference
+  assert _relative_error(cache_attention(q, k, v, positions, q_positions, mesh=mesh),
+                         expected) > 1e-2

@@ -331,6 +331,7 @@ def test_a_shared_prefix_is_prefilled_once(server, client):
   assert np.median(second_ttft) < np.median(first_ttft), (first_ttft, second_ttft)
 
 
+@pytest.mark.slow  # a second server (tests/test_slots.py checks a cached prefix in-process)
 def test_the_same_tokens_with_and_without_the_prefix_cache(checkpoint, server, client):
   rng = np.random.default_rng(8)
   prompt = rng.integers(0, VOCAB, 300).tolist()

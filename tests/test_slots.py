@@ -24,7 +24,8 @@ def make_scheduler(mesh_sizes, devices=None, slots=2, **options):
   model = transformer.create(CONFIG, mesh, seed=7)
   ring = mesh.shape["sequence"]
   chunks = chunk_sizes(16, 32, ring)
-  engine = SlotEngine(model, mesh, slots=slots, chunks=chunks, decode_steps=3,
+  # live buckets 16, 32, 64, 96: decode calls cross them as rows fill
+  engine = SlotEngine(model, mesh, slots=slots, chunks=chunks, decode_steps=3, min_live=16,
                       capacity=SlotEngine.capacity_for(64, chunks[-1], ring))
   engine.reset()
   return Scheduler(engine, **options), model, mesh
