@@ -26,7 +26,7 @@ from model import kv_cache
 from parallel import layout, sharding
 from serving.completion import Completion
 from serving.requests import error_record
-from serving.sampling import sample
+from serving.sampling import decode_step, sample
 
 
 def _bucket(n: int, minimum: int, multiple: int) -> int:
@@ -101,12 +101,11 @@ class Engine:
 
     def body(carry):
       i, cache, token, position, done, out_tokens, out_logprobs = carry
-      hidden, cache = model.forward(token[:, None], position[:, None], cache=cache)
-      next_token, logprob = sample(model.head(hidden)[:, 0], *params, generated + i,
-                                   sampling=sampling)
+      next_token, logprob, cache, done = decode_step(
+          model, cache, token, position, params, generated + i, eos, max_tokens, done,
+          sampling=sampling)
       out_tokens = out_tokens.at[:, i].set(next_token)
       out_logprobs = out_logprobs.at[:, i].set(logprob)
-      done = done | jnp.isin(next_token, eos) | (generated + i + 1 >= max_tokens)
       return i + 1, cache, next_token, position + 1, done, out_tokens, out_logprobs
 
     carry = (jnp.zeros((), jnp.int32), cache, token, position, done,

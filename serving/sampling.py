@@ -39,3 +39,18 @@ def sample(logits, temperature, top_k, top_p, seeds, token_index, *, sampling: b
     sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     tokens = jnp.where(temperature > 0, sampled, tokens)
   return tokens, jnp.take_along_axis(logits, tokens[:, None], -1)[:, 0] - log_normalizer
+
+
+def decode_step(model, cache, token, position, params, token_index, eos, max_tokens, done, *,
+                sampling: bool):
+  """One decode step of every row (inside jit), shared by serving/engine.py and
+  serving/slots.py: the forward of `token` [B] at `position` [B] with `cache`, the next
+  token sampled (params: temperature, top_k, top_p, seeds, each [B]; token_index [B]
+  the index of the token being generated). A row is done once it was, or it drew an
+  id in `eos`, or it reached `max_tokens` [B].
+  Returns (next token [B], its log-probability [B], cache, done [B])."""
+  hidden, cache = model.forward(token[:, None], position[:, None], cache=cache)
+  next_token, logprob = sample(model.head(hidden)[:, 0], *params, token_index,
+                               sampling=sampling)
+  done = done | jnp.isin(next_token, eos) | (token_index + 1 >= max_tokens)
+  return next_token, logprob, cache, done

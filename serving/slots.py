@@ -39,7 +39,7 @@ from flax import nnx
 
 from model import kv_cache
 from parallel import ring, sharding
-from serving.sampling import sample
+from serving.sampling import decode_step, sample
 
 MIN_LIVE = 128  # smallest live bucket of the decode program
 SAMPLING_FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
@@ -138,12 +138,11 @@ class SlotEngine:
       # A row that is not decoding writes into its last slot (cleared before reuse).
       cache = kv_cache.SlotCache(cache.keys, cache.values, cache.positions,
                                  jnp.where(done, last_slot, fill), live=live)
-      hidden, cache = model.forward(token[:, None], position[:, None], cache=cache)
-      next_token, logprob = sample(model.head(hidden)[:, 0], *params, generated + i,
-                                   sampling=sampling)
+      next_token, logprob, cache, done = decode_step(
+          model, cache, token, position, params, generated + i, eos, max_tokens, done,
+          sampling=sampling)
       out_tokens = out_tokens.at[:, i].set(next_token)
       out_logprobs = out_logprobs.at[:, i].set(logprob)
-      done = done | jnp.isin(next_token, eos) | (generated + i + 1 >= max_tokens)
       return (i + 1, cache, next_token, position + 1, fill + 1, done, out_tokens,
               out_logprobs)
 
