@@ -19,8 +19,9 @@ output line:
   {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
    "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}}
   -> {"id", "custom_id": "q1", "response": {"status_code": 200, "request_id", "body":
-      <the endpoint's response>}, "error": null} The last stderr line is a JSON report; stdout ends
-with a summary.
+      <the endpoint's response>}, "error": null}
+
+The last stderr line is a JSON report; stdout ends with a summary.
 
 The engine is serving/engine.py's: prefill on the ring with the cache left sharded over
 the sequence, decode over that cache. Its programs are compiled from the parameters'
@@ -99,7 +100,7 @@ def main(argv):
   process_start = _process_start()
   named = cli.start()
   from model import checkpoint as ckpt_lib
-  from serving import loading
+  from serving import chat, loading
   main_start = time.perf_counter()  # (the interpreter's start-up and imports before it)
   config = FLAGS.config
   _compilation_cache(config)
@@ -118,26 +119,28 @@ def main(argv):
   eos_ids = loading.end_of_sequence_ids(saved)
   if tokenizer is not None:
     eos_ids.append(tokenizer.eos_id())
+  run_dir = ckpt_lib.run_dir(step_dir)
+  checkpoint = dict(step_dir=step_dir, saved=saved, max_context=max_context,
+                    tokenizer=tokenizer, eos_ids=eos_ids,
+                    chat_template=chat.load_template(os.path.join(run_dir, "assets")),
+                    # the id clients send as `model`
+                    model_name=FLAGS.served_model_name or
+                    os.path.basename(os.path.normpath(run_dir)))
   if FLAGS.port is not None:
-    sys.exit(serve_http(config, named, step_dir, saved, max_context, tokenizer, eos_ids))
-  serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
-              process_start, main_start)
+    sys.exit(serve_http(config, named, **checkpoint))
+  serve_batch(config, named, process_start=process_start, main_start=main_start,
+              **checkpoint)
 
 
-def served_model_name(step_dir: str) -> str:
-  """The id clients send as `model`: --served_model_name, else the run's directory name."""
-  from model import checkpoint as ckpt_lib
-  return FLAGS.served_model_name or os.path.basename(os.path.normpath(ckpt_lib.run_dir(step_dir)))
-
-
-def serve_http(config, named, step_dir, saved, max_context, tokenizer, eos_ids) -> int:
+def serve_http(config, named, *, step_dir, saved, max_context, tokenizer, eos_ids,
+               chat_template, model_name) -> int:
   """The OpenAI-compatible server on --host:--port until SIGTERM; returns the exit status."""
   import logging
 
   from core.errors import ConfigError
-  from model import checkpoint as ckpt_lib, transformer
+  from model import transformer
   from parallel import mesh as mesh_lib
-  from serving import chat, loading, service, slots
+  from serving import loading, service, slots
   logging.getLogger("ringlm").setLevel(logging.INFO)
   try:
     mesh, mesh_reason = loading.choose_mesh(config, named, max_context, slots_split=False)
@@ -145,45 +148,39 @@ def serve_http(config, named, step_dir, saved, max_context, tokenizer, eos_ids) 
     shapes = loading.load_model(step_dir, config, named, mesh, max_context, abstract=True)[0]
     mesh_lib.validate(shapes.config, mesh)
     chunks = slots.chunk_sizes(config.serve.min_bucket, config.serve.prefill_chunk,
-                                           mesh.shape["sequence"])
+                               mesh.shape["sequence"])
     capacity = service.plan_capacity(shapes, mesh, config.serve, max_context, chunks)
   except (ConfigError, ValueError) as error:
     cli.fail(str(error))
-  template, special = chat.load_template(os.path.join(ckpt_lib.run_dir(step_dir), "assets"))
-  model_name = served_model_name(step_dir)
   app = service.Service(
-      shapes, mesh, config.serve, max_context=max_context, capacity=capacity,
+      shapes, mesh, config.serve, max_context=max_context, capacity=capacity, chunks=chunks,
       tokenizer=tokenizer, eos_ids=eos_ids, model_name=model_name, api_key=FLAGS.api_key,
       seed=config.seed, load=lambda: transformer.load_parameters(shapes, step_dir)[0],
-      chat_template=chat.compile_template(template, special) if template else None)
+      chat_template=chat_template)
   where = f"http://{FLAGS.host}:{FLAGS.port}"
   cli.summary([
       f"serving `{model_name}` on {where}/v1 (OpenAI API; /health, /metrics)",
       capacity.line(),
       f"mesh: {dict((k, v) for k, v in mesh.shape.items() if v > 1) or '1 device'}: "
       f"{mesh_reason}",
-      "chat: " + ("the checkpoint's template" if template else
+      "chat: " + ("the checkpoint's template" if chat_template else
                   "no chat template (tokenizer_config.json): /v1/completions only"),
-      f"compiling {len(app.chunks)} prefill chunk sizes and decode while the checkpoint "
+      f"compiling {len(chunks)} prefill chunk sizes and decode while the checkpoint "
       "loads; /health answers 200 when ready"])
   return service.run(app, FLAGS.host, FLAGS.port)
 
 
-def serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
-                process_start, main_start) -> None:
+def serve_batch(config, named, *, step_dir, saved, max_context, tokenizer, eos_ids,
+                chat_template, model_name, process_start, main_start) -> None:
   """Batch mode: --input's request lines to --output's result lines."""
   from tqdm import tqdm
 
   from core.errors import ConfigError
   from model import transformer
   from parallel import mesh as mesh_lib
-  from model import checkpoint as ckpt_lib
-  from serving import loading
+  from serving import loading, openai_format
   from serving.engine import Engine
-  from serving import chat, openai_format
   from serving.requests import RequestError, error_record, parse_request, request_id
-  template, special = chat.load_template(os.path.join(ckpt_lib.run_dir(step_dir), "assets"))
-  model_name = served_model_name(step_dir)
   try:
     with open(FLAGS.input, "rb") as f:
       lines = f.read().split(b"\n")
@@ -192,16 +189,23 @@ def serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
   if lines and lines[-1] == b"":
     lines.pop()  # the file's final newline ends the last line; it is not a line
   results, requests = {}, []
+  batch_lines = {}  # line -> (custom_id, chat?) of the OpenAI Batch lines
   for number, raw in enumerate(lines, start=1):
     try:
-      requests.append(parse_request(
+      request = parse_request(
           number, raw, tokenizer=tokenizer, vocab_size=saved["model"]["vocab_size"],
           max_context=max_context, default_max_tokens=config.serve.max_tokens,
-          default_seed=config.seed, model_name=model_name,
-          chat_template=chat.compile_template(template, special) if template else None))
+          default_seed=config.seed, model_name=model_name, chat_template=chat_template)
     except RequestError as error:
-      results[number] = error_record(number, request_id(raw), str(error), error.status,
-                                     error.param)
+      if error.custom_id is not None:
+        batch_lines[number] = (error.custom_id, False)
+      results[number] = error_record(
+          number, request_id(raw) if error.custom_id is None else error.custom_id, str(error),
+          error.status, error.param)
+      continue
+    requests.append(request)
+    if request.endpoint is not None:
+      batch_lines[number] = (request.id, openai_format.ENDPOINTS[request.endpoint])
 
   longest = max((len(r.prompt_tokens) + r.max_tokens for r in requests), default=0)
   try:
@@ -235,9 +239,12 @@ def serve_batch(config, named, step_dir, saved, max_context, tokenizer, eos_ids,
   token_text = (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
   with open(temporary, "w") as f:
     for number in range(1, len(lines) + 1):
-      record = openai_format.batch_output(lines[number - 1], results[number],
-                                          model_name=model_name, token_text=token_text)
-      f.write(json.dumps(record or results[number]) + "\n")
+      record = results[number]
+      if number in batch_lines:
+        custom_id, chat_mode = batch_lines[number]
+        record = openai_format.batch_output(custom_id, chat_mode, record,
+                                            model_name=model_name, token_text=token_text)
+      f.write(json.dumps(record) + "\n")
   os.replace(temporary, output)
 
   stats = engine.stats

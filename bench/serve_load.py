@@ -301,8 +301,9 @@ def main(argv=None):
       "errors": sum(r.get("errors", 0) for server in results.values()
                     for r in server.values() if isinstance(r, dict)),
   }
-  summary["met"] = (summary["throughput_ratio"] >= THROUGHPUT_TARGET and
-                    summary["ttft_p99_ratio"] > 1 and summary["prefix_ttft_speedup"] >= PREFIX_TARGET)
+  summary["met"] = (summary["throughput_ratio"] >= THROUGHPUT_TARGET
+                    and summary["ttft_p99_ratio"] > 1
+                    and summary["prefix_ttft_speedup"] >= PREFIX_TARGET)
   text_table = table(results, rates)
   print(text_table)
   print(f"at {top}: ringlm {summary['throughput_ratio']:.2f}x the peer's output tokens/s "

@@ -15,23 +15,25 @@ class TemplateError(ValueError):
 
 
 def load_template(assets_dir: str):
-  """(template, {"bos_token", "eos_token"}) from `assets_dir`/tokenizer_config.json, or
-  (None, {}) when there is none."""
+  """The chat template of `assets_dir`/tokenizer_config.json, compiled (render's first
+  argument), or None when there is none."""
   path = os.path.join(assets_dir, "tokenizer_config.json")
   try:
     with open(path) as f:
       config = json.load(f)
   except (OSError, json.JSONDecodeError):
-    return None, {}
+    return None
   template = config.get("chat_template")
   if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
     named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
     template = named.get("default")
+  if not isinstance(template, str):
+    return None
   special = {}
   for name in ("bos_token", "eos_token"):
     token = config.get(name)
     special[name] = token.get("content", "") if isinstance(token, dict) else (token or "")
-  return (template if isinstance(template, str) else None), special
+  return compile_template(template, special)
 
 
 def _raise(message):
@@ -39,6 +41,7 @@ def _raise(message):
 
 
 def compile_template(template: str, special: dict):
+  """(Jinja2 template, the bos/eos strings it may use): render's first argument."""
   environment = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
   environment.globals["raise_exception"] = _raise
   return environment.from_string(template), special
@@ -46,7 +49,7 @@ def compile_template(template: str, special: dict):
 
 def render(compiled, messages: list[dict]) -> str:
   """The prompt text of `messages` ([{"role", "content"}]) with the assistant's turn
-  opened; `compiled` from compile_template."""
+  opened; `compiled` from load_template (or compile_template)."""
   template, special = compiled
   try:
     return template.render(messages=messages, add_generation_prompt=True, **special)

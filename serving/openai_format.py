@@ -99,7 +99,7 @@ def parse_body(chat_mode: bool, fields) -> _Body:
 
 def request_fields(body: _Body, *, model_name: str, chat_template) -> dict:
   """serving/requests.check_fields's fields of a validated body: the prompt (a chat's
-  rendered by `chat_template`, chat.compile_template's pair, or a 400 when None) and
+  rendered by `chat_template`, chat.load_template's, or a 400 when None) and
   the sampling fields. ApiError for what OpenAI's API has and this server does not."""
   if body.model is not None and body.model != model_name:
     raise ApiError(404, f"model `{body.model}` is not served here; this server serves "
@@ -206,18 +206,10 @@ def batch_line(fields: dict) -> tuple[str, bool, dict]:
   return fields["custom_id"], ENDPOINTS[fields["url"]], fields["body"]
 
 
-def batch_output(raw: bytes, result: dict, *, model_name: str, token_text) -> dict | None:
-  """The OpenAI Batch output line of input line `raw` given its result (serve.py's
-  record: tokens, completion, ... or an error with its status), or None when `raw` is
-  not an OpenAI Batch line (it has no `custom_id`)."""
-  try:
-    fields = json.loads(raw)
-  except (ValueError, UnicodeDecodeError):
-    return None
-  if not isinstance(fields, dict) or "custom_id" not in fields:
-    return None
-  custom_id = str(fields["custom_id"])
-  chat_mode = fields.get("url") == "/v1/chat/completions"
+def batch_output(custom_id: str, chat_mode: bool, result: dict, *, model_name: str,
+                 token_text) -> dict:
+  """The OpenAI Batch output line of request `custom_id` given its result (serve.py's
+  record: tokens, completion, ... or an error with its status)."""
   request_id = f"batch_req_{custom_id}"
   if result["finish_reason"] == "error":
     status = result.get("status", 500)

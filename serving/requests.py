@@ -20,12 +20,14 @@ REQUEST_FIELDS = {"id", "prompt", "prompt_tokens", "max_tokens", "temperature", 
 
 class RequestError(ValueError):
   """A request that cannot be served; the message says what is wrong, `param` names the
-  field (None: the request as a whole) and `status` is the HTTP status a server answers
-  with (400, or 413 for a prompt beyond the model's context)."""
+  field (None: the request as a whole), `status` is the HTTP status a server answers
+  with (400, or 413 for a prompt beyond the model's context) and `custom_id` is an
+  OpenAI Batch line's (None: not such a line)."""
 
-  def __init__(self, message: str, param: str | None = None, status: int = 400):
+  def __init__(self, message: str, param: str | None = None, status: int = 400,
+               custom_id: str | None = None):
     super().__init__(message)
-    self.param, self.status = param, status
+    self.param, self.status, self.custom_id = param, status, custom_id
 
 
 @dataclasses.dataclass
@@ -79,7 +81,11 @@ def parse_request(line: int, raw: bytes, *, tokenizer, vocab_size: int, max_cont
       request = check_fields(line, openai_format.request_fields(
           body, model_name=model_name, chat_template=chat_template), **check)
     except openai_format.ApiError as error:
-      raise RequestError(error.message, error.param, error.status) from None
+      raise RequestError(error.message, error.param, error.status,
+                         str(fields["custom_id"])) from None
+    except RequestError as error:
+      error.custom_id = str(fields["custom_id"])
+      raise
     request.id, request.endpoint = custom_id, fields["url"]
     return request
   unknown = sorted(set(fields) - REQUEST_FIELDS)

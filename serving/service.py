@@ -32,7 +32,7 @@ from serving.scheduler import Scheduler
 log = logging.getLogger("ringlm.serve")
 
 
-def size(count: int) -> str:
+def human_bytes(count: int) -> str:
   """Bytes for a person: "7.00 GiB", "2.0 MiB"."""
   return f"{count / (1 << 30):.2f} GiB" if count >= 1 << 30 else f"{count / (1 << 20):.1f} MiB"
 
@@ -71,8 +71,8 @@ class Capacity:
 
   def line(self) -> str:
     return (f"max context per request {self.max_context} tokens at batch {self.batch} "
-            f"(KV cache {size(self.cache_bytes)} of {size(self.free_bytes)} free; "
-            f"{self.source})")
+            f"(KV cache {human_bytes(self.cache_bytes)} of {human_bytes(self.free_bytes)} "
+            f"free; {self.source})")
 
 
 def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
@@ -92,17 +92,15 @@ def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
   else:
     limit = (devices[0].memory_stats() or {}).get("bytes_limit", 0)
     free = (int(limit * 0.9) - params) * len(devices) - prefix
-    source = f"{size(limit)} per {devices[0].device_kind}, 10% kept back"
+    source = f"{human_bytes(limit)} per {devices[0].device_kind}, 10% kept back"
   free = max(free, 0)
   per_token = slots_lib.per_token_bytes(model.config)
   fit = slots_lib.kv_capacity(per_token_bytes=per_token, free_bytes=free,
                               slots=serve.batch_size, max_context=max_context,
                               largest_chunk=chunks[-1], ring_size=ring)
-  capacity = Capacity(serve.batch_size, fit["max_context"], fit["cache_bytes"], free, source)
   if fit["fits"]:
-    capacity.max_context = max_context
-    return capacity
-  need = size(fit["cache_bytes"])
+    return Capacity(serve.batch_size, max_context, fit["cache_bytes"], free, source)
+  need = human_bytes(fit["cache_bytes"])
   lever = ("serve.memory_budget_mb" if devices[0].platform == "cpu"
            else "more devices on the ring (mesh.sequence)")
   if fit["max_batch"] == 0:
@@ -112,7 +110,7 @@ def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
     raise ConfigError(
         f"model.max_seq_len={max_context}: not even one request of that length fits "
         f"({need} of KV cache at serve.batch_size={serve.batch_size}; "
-        f"{size(free)} free after the parameters and serve.prefix_cache_mb; "
+        f"{human_bytes(free)} free after the parameters and serve.prefix_cache_mb; "
         f"{source}): set --config.model.max_seq_len={single} --config.serve.batch_size=1, "
         f"or give it more memory ({lever})")
   shorter = (f"--config.model.max_seq_len={fit['max_context']}, or "
@@ -120,7 +118,7 @@ def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
   raise ConfigError(
       f"serve.batch_size={serve.batch_size}: {serve.batch_size} slots of "
       f"model.max_seq_len={max_context} tokens need {need} of KV cache; "
-      f"{size(free)} is free after the parameters and serve.prefix_cache_mb "
+      f"{human_bytes(free)} is free after the parameters and serve.prefix_cache_mb "
       f"({source}): set --config.serve.batch_size={fit['max_batch']}, or {shorter}"
       f"give it more memory ({lever})")
 
@@ -135,19 +133,19 @@ class Service:
     serve: the config's serve fields.
     max_context: the longest request (prompt + max_tokens) served.
     capacity: plan_capacity's.
-    tokenizer, eos_ids, chat_template (chat.compile_template's pair, or None),
+    chunks: the prompt chunk lengths (slots.chunk_sizes; plan_capacity's too).
+    tokenizer, eos_ids, chat_template (chat.load_template's, or None),
     model_name, api_key, seed: as api.Server takes them.
   """
 
-  def __init__(self, shapes, mesh, serve, *, max_context, capacity, tokenizer, eos_ids,
-               chat_template, model_name, api_key, seed, load):
+  def __init__(self, shapes, mesh, serve, *, max_context, capacity, chunks, tokenizer,
+               eos_ids, chat_template, model_name, api_key, seed, load):
     ring = mesh.shape["sequence"]
-    self.chunks = slots_lib.chunk_sizes(serve.min_bucket, serve.prefill_chunk, ring)
     self.serve, self.load, self.tokenizer, self.eos_ids = serve, load, tokenizer, eos_ids
     self.engine = slots_lib.SlotEngine(
-        shapes, mesh, slots=serve.batch_size, chunks=self.chunks,
+        shapes, mesh, slots=serve.batch_size, chunks=chunks,
         decode_steps=serve.slot_decode_steps, eos_ids=eos_ids,
-        capacity=slots_lib.SlotEngine.capacity_for(max_context, self.chunks[-1], ring))
+        capacity=slots_lib.SlotEngine.capacity_for(max_context, chunks[-1], ring))
     self.metrics = ServerMetrics(serve.accelerator_hour_usd)
     self.metrics.slots.set(serve.batch_size)
     self.metrics.cache_tokens.set(serve.batch_size * self.engine.capacity)
@@ -165,7 +163,6 @@ class Service:
     self.app = api.make_app(self.server)
     self.scheduler = None
     self.failure = None
-    self.timings = {}
 
   def start_up(self) -> None:
     """Compiles every program while the parameters load, then starts serving (the
@@ -185,11 +182,9 @@ class Service:
                                  max_queue=self.serve.max_queue,
                                  prefix_cache=self.prefix_cache, metrics=self.metrics)
       self.scheduler.start()
-      self.timings = {"compile_s": compiled_at - start, "programs": programs,
-                      "ready_s": time.perf_counter() - start}
       self.server.ready(self.scheduler)
       log.info("ready: %d programs compiled in %.1f s, serving after %.1f s", programs,
-               self.timings["compile_s"], self.timings["ready_s"])
+               compiled_at - start, time.perf_counter() - start)
     except Exception as error:  # noqa: BLE001 (reported by `run`, which exits non-zero)
       self.failure = f"{type(error).__name__}: {error}"
       self.server.state = "failed"
