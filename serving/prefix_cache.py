@@ -3,14 +3,14 @@ starts with the same tokens (ten questions about one long document) prefills onl
 rest.
 
 Prefixes match in whole blocks of `block` tokens (serve.prefix_block). When a request's
-prompt has been prefilled, its row's first n slots (n: the prompt's whole blocks) are
-copied out of the SlotCache (serving/slots.py, `take_prefix`; n rounded up to a
-power-of-two bucket of slots, so that few programs serve every length) and kept under the hash
-of each of its block prefixes. A new request looks up its own block prefixes, longest
-first; on a hit of m tokens the kept slots are copied into its row (`put_prefix`) and
-its prefill starts at token m. Slot g of a row holds token g of the prompt (chunks
-write in order), so the first m slots are exactly the prefix's keys and values;
-the chunk that follows clears every slot after m.
+prompt has been prefilled, the staging row's first n slots (n: the prompt's whole
+blocks) are copied out (serving/slots.py, `take_prefix`; n rounded up to a power-of-two
+bucket of slots, so that few programs serve every length) and kept under the hash of
+each of its block prefixes. A request about to prefill looks up its own block
+prefixes, longest first; on a hit of m tokens the kept slots are copied into the
+staging row (`put_prefix`) and its prefill starts at token m. Slot g of a row holds
+token g of the prompt (chunks write in order), so the first m slots are exactly the
+prefix's keys and values; the chunk that follows clears every slot after m.
 
 Entries are evicted least recently used once their bytes pass the budget
 (serve.prefix_cache_mb). Kept slots are device arrays sharded as the cache is.
@@ -46,9 +46,9 @@ class PrefixCache:
     self.index = {}   # hash of any block prefix -> hash of an entry holding it
     self.bytes = 0
 
-  def restore(self, engine, row: int, prompt) -> int:
-    """Copies the longest cached prefix of `prompt` into `row`; returns its length in
-    tokens (0: none). At least one prompt token is always left to prefill (its logits
+  def restore(self, engine, prompt) -> int:
+    """Copies the longest cached prefix of `prompt` into the engine's staging row;
+    returns its length in tokens (0: none). At least one prompt token is always left to prefill (its logits
     give the first token)."""
     if self.metrics is not None:
       self.metrics.prefix_lookups.inc()
@@ -59,15 +59,15 @@ class PrefixCache:
         continue
       self.entries.move_to_end(key)
       tokens = count * self.block
-      engine.put_prefix(row, self.entries[key][1])
+      engine.put_prefix(self.entries[key][1])
       if self.metrics is not None:
         self.metrics.prefix_hits.inc()
         self.metrics.prefix_hit_tokens.inc(tokens)
       return tokens
     return 0
 
-  def store(self, engine, row: int, prompt) -> None:
-    """Keeps the whole blocks of `prompt`, just prefilled into `row`."""
+  def store(self, engine, prompt) -> None:
+    """Keeps the whole blocks of `prompt`, just prefilled into the staging row."""
     hashes = _block_hashes(prompt, self.block)
     if not hashes or hashes[-1] in self.entries:
       if hashes:
@@ -83,7 +83,7 @@ class PrefixCache:
       for key in old_hashes:
         if self.index.get(key) == old:
           del self.index[key]
-    self.entries[hashes[-1]] = (size, engine.take_prefix(row, kept), hashes)
+    self.entries[hashes[-1]] = (size, engine.take_prefix(kept), hashes)
     self.bytes += size
     for key in hashes:
       self.index[key] = hashes[-1]

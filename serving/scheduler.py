@@ -3,10 +3,11 @@ feeds serving/slots.py's programs (the HTTP server's engine; serve.py --port).
 
 One thread runs `loop`. Each turn it
   1. drops cancelled requests (queued ones, and decoding ones: their slot is freed),
-  2. gives free slots to queued requests, first come first served (a prompt prefix
-     found in the prefix cache is copied into the slot instead of prefilled),
-  3. prefills one chunk of the oldest request still prefilling (a long prompt takes
-     many turns; everyone else's stream waits at most one chunk),
+  2. gives free slots to queued requests, first come first served,
+  3. prefills one chunk of the oldest request still prefilling, in the engine's staging
+     row (a long prompt takes many turns; everyone else's stream waits at most one
+     chunk). At its first chunk a prompt prefix found in the prefix cache is copied in
+     instead of prefilled; after its last, the row is committed to the request's slot,
   4. runs one decode call over every slot (slots.decode_steps steps) and hands each
      request its new tokens; a request that ends (stop string, end of sequence,
      max_tokens) leaves its slot at once.
@@ -49,6 +50,7 @@ class Job:
   cached_tokens: int = 0      # prompt tokens taken from the prefix cache
   # in a slot:
   slot: int | None = None
+  staged: bool = False        # its prefill has started in the staging row
   prefilled: int = 0          # prompt tokens in the cache
   fill: int = 0               # next cache slot of the row
   last_token: int = 0
@@ -152,18 +154,21 @@ class Scheduler:
         job = self.queue.popleft()
         job.slot = slot
         self.slots[slot] = job
-        if self.prefix_cache is not None:
-          job.cached_tokens = self.prefix_cache.restore(self.engine, slot,
-                                                        job.request.prompt_tokens)
-          job.prefilled = job.fill = job.cached_tokens
 
   def _prefill_one_chunk(self) -> None:
     prefilling = [j for j in self.slots if j is not None and j.prefilled <
                   len(j.request.prompt_tokens)]
     if not prefilling:
       return
-    job = min(prefilling, key=lambda j: j.submitted)
+    # the staging row's request until its prompt is in; then the oldest waiting
+    job = next((j for j in prefilling if j.staged), None) or \
+        min(prefilling, key=lambda j: j.submitted)
     prompt = job.request.prompt_tokens
+    if not job.staged:  # the staging row is this job's from now on
+      job.staged = True
+      if self.prefix_cache is not None:
+        job.cached_tokens = self.prefix_cache.restore(self.engine, prompt)
+        job.prefilled = job.fill = job.cached_tokens
     remaining = len(prompt) - job.prefilled
     chunks = self.engine.chunks
     length = next((c for c in chunks if c >= remaining), chunks[-1])
@@ -173,8 +178,8 @@ class Scheduler:
     tokens[:count] = prompt[job.prefilled:job.prefilled + count]
     positions[:count] = np.arange(job.prefilled, job.prefilled + count)
     start = time.perf_counter()
-    token, logprob = self.engine.prefill_chunk(job.slot, job.fill, tokens, positions,
-                                               count - 1, job.request)
+    token, logprob = self.engine.prefill_chunk(job.fill, tokens, positions, count - 1,
+                                               job.request)
     self.stats["prefill_s"] += time.perf_counter() - start
     self.stats["prefill_tokens"] += count
     if self.metrics is not None:
@@ -182,8 +187,9 @@ class Scheduler:
     job.prefilled += count
     job.fill += count
     if job.prefilled == len(prompt):
+      self.engine.commit(job.slot)
       if self.prefix_cache is not None:
-        self.prefix_cache.store(self.engine, job.slot, prompt)
+        self.prefix_cache.store(self.engine, prompt)
       job.first_token_at = time.perf_counter()
       job.last_token = token
       self._deliver(job, [token], [logprob])
