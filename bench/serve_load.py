@@ -1,7 +1,7 @@
 """Serving under load: ringlm's HTTP server against `transformers serve
 --continuous-batching` on the same converted model, one after the other in one run.
 
-  python -m bench.serve_load            # 3 Poisson rates x 24 requests + a shared prefix
+  python -m bench.serve_load            # 4 Poisson rates x 24 requests + a shared prefix
   python -m bench.serve_load --quick    # 2 layers, 8 requests per rate (a smoke run)
 
 The model: a random Llama (transformers' default init, seed 0; 512 wide, 8 layers, 8
@@ -254,7 +254,8 @@ def table(results: dict, rates) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="2 layers, 8 requests per rate")
-  parser.add_argument("--rates", default="0.5,1,2", help="Poisson arrival rates, req/s")
+  parser.add_argument("--rates", default="0.5,1,2,8",
+                      help="Poisson arrival rates, req/s (the last saturates both servers)")
   parser.add_argument("--requests", type=int, default=24, help="requests per rate")
   parser.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"])
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")

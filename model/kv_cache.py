@@ -74,6 +74,9 @@ class SlotCache:
   # multiple of the ring, so that a step reads the part of the cache in use, not all
   # of it. Static: each value is its own compiled program (serving/slots.py buckets it).
   live: int = dataclasses.field(default=0, metadata=dict(static=True))
+  # Rows attended: only the first `live_rows` (0: all B); the others' attention output is
+  # zeros (rows that are not decoding). Static, as `live`.
+  live_rows: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property
   def capacity(self) -> int:

@@ -125,7 +125,7 @@ class Attention(nnx.Module):
       k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
       v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
       out = ring.cache_attention(q, k, v, cache.positions, positions, mesh=self.mesh,
-                                 live=cache.live)
+                                 live=cache.live, live_rows=cache.live_rows)
     elif cache is None:
       out = ring.ring_attention(q, k, v, positions=positions, segment_ids=segment_ids,
                                 causal=True, mesh=self.mesh, impl=self.attention.impl,

@@ -310,7 +310,7 @@ def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence"):
 
 
 def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
-                    axis="sequence", scale=None, live=0):
+                    axis="sequence", scale=None, live=0, live_rows=0):
   """Attention of L new tokens per row over a sequence-sharded KV cache (a decode
   step: L = 1; a chunk of a prompt prefilled into a SlotCache: L > 1).
 
@@ -330,6 +330,8 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     live: attend only to the first `live` global slots (a multiple of the ring size N:
       local slots [0, live / N) of every device, as ring.slot_write lays them out);
       0: all C. Slots beyond must hold nothing a query should see.
+    live_rows: attend only for the first `live_rows` rows (0: all B); the others get
+      zeros. Only on a mesh whose batch axes are 1 (the rows are whole on every device).
   Returns:
     [B, L, H, D] in q.dtype, sharded like q.
   """
@@ -343,7 +345,13 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     raise ValueError(f"live={live} must be a multiple of the ring ({ring_size}) and at most "
                      f"the cache's {k_cache.shape[-1]} slots")
 
+  if live_rows and any(mesh.shape[name] > 1 for name in batch_axes):
+    raise ValueError(f"live_rows={live_rows} needs the batch axes {batch_axes} of size 1")
+
   def local(q, k, v, kv_pos, q_pos):
+    rows = q.shape[0]
+    if live_rows and live_rows < rows:
+      q, k, v, kv_pos, q_pos = (x[:live_rows] for x in (q, k, v, kv_pos, q_pos))
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if live:
@@ -364,7 +372,10 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     # The merge: one all-reduce of (numerator, denominator) over the ring.
     numerator, denominator = lax.psum((numerator, denominator), axis)
     out = numerator / jnp.where(denominator == 0, 1.0, denominator)  # [B, K, G, L, D]
-    return jnp.moveaxis(out, 3, 1).reshape(batch, length, q_heads, head_dim).astype(q.dtype)
+    out = jnp.moveaxis(out, 3, 1).reshape(batch, length, q_heads, head_dim).astype(q.dtype)
+    if batch < rows:
+      out = jnp.concatenate([out, jnp.zeros((rows - batch, *out.shape[1:]), out.dtype)])
+    return out
 
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, v_spec,
                                                    jax.P(batch_axes, axis), jax.P(batch_axes)),

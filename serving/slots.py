@@ -15,12 +15,14 @@ The programs (all compiled ahead, from shapes, by `compile_all`; their number is
   prompt is in. A long prompt is prefilled
   chunk by chunk between decode calls, so the other slots' streams stall for at most
   one chunk.
-- `decode` (sampling on/off, and a live bucket): up to `decode_steps` steps of every
-  slot at once, each row at its own position and fill; rows that are not decoding
-  (`done`) write into their last slot and are ignored. Attention reads only the first
-  `live` slots of every row (SlotCache.live), the smallest bucket (`live_buckets`:
-  powers of two from MIN_LIVE, and the capacity) that holds every decoding row's
-  tokens, so a step costs what the cache holds, not what it could hold.
+- `decode` (sampling on/off, a live bucket and a row bucket): up to `decode_steps` steps
+  of every slot at once, each row at its own position and fill; rows that are not
+  decoding (`done`) write into their last slot and are ignored. Attention reads only
+  the first `live` slots (SlotCache.live) of the first `live_rows` rows: the
+  smallest buckets (`live_buckets`: powers of two from MIN_LIVE, and the capacity;
+  `row_buckets`: powers of two up to the slots) that hold every decoding row and its
+  tokens, so a step costs what the cache holds, not what it could hold. Requests take
+  the lowest free slots, so few requests use few rows.
 - `put_prefix` / `take_prefix` (one per prefix length bucket): a cached prompt prefix
   put into the staging row, or its first slots kept (serving/prefix_cache.py).
 
@@ -132,13 +134,13 @@ class SlotEngine:
                               put(cache.positions, staging.positions), cache.fill)
 
   def _decode_fn(self, state, cache, token, position, fill, done, generated, max_tokens,
-                 params, *, steps, sampling, live):
+                 params, *, steps, sampling, live, live_rows):
     """Up to `steps` steps of every row not `done` ([B] arrays); stops early when every
-    row is done. Attends to the first `live` slots of each row (every decoding row's
-    fill + steps must be within them). Returns (steps run, cache, tokens [B, steps],
-    logprobs [B, steps])."""
+    row is done. Attends to the first `live` slots of the first `live_rows` rows (every
+    decoding row must be among them, its fill + steps within them). Returns (steps run,
+    cache, tokens [B, steps], logprobs [B, steps])."""
     model = nnx.merge(self.graphdef, state)
-    cache = dataclasses.replace(cache, live=live)
+    cache = dataclasses.replace(cache, live=live, live_rows=live_rows)
     eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
     rows, last_slot = token.shape[0], self.capacity - 1
 
@@ -150,7 +152,8 @@ class SlotEngine:
       i, cache, token, position, fill, done, out_tokens, out_logprobs = carry
       # A row that is not decoding writes into its last slot (cleared before reuse).
       cache = kv_cache.SlotCache(cache.keys, cache.values, cache.positions,
-                                 jnp.where(done, last_slot, fill), live=live)
+                                 jnp.where(done, last_slot, fill), live=live,
+                                 live_rows=live_rows)
       next_token, logprob, cache, done = decode_step(
           model, cache, token, position, params, generated + i, eos, max_tokens, done,
           sampling=sampling)
@@ -162,7 +165,8 @@ class SlotEngine:
     carry = (jnp.zeros((), jnp.int32), cache, token, position, fill, done,
              jnp.zeros((rows, steps), jnp.int32), jnp.zeros((rows, steps), jnp.float32))
     steps_done, cache, *_, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, carry)
-    return steps_done, dataclasses.replace(cache, live=0), out_tokens, out_logprobs
+    return (steps_done, dataclasses.replace(cache, live=0, live_rows=0), out_tokens,
+            out_logprobs)
 
   def _compile(self, name, function, args, static, donate=(), shape=None):
     key = (name, static, shape)
@@ -218,14 +222,19 @@ class SlotEngine:
     """The smallest live size holding `slots` slots of every row."""
     return next(size for size in self.live_buckets() if size >= slots)
 
-  def decode_program(self, sampling: bool, live: int):
+  def row_buckets(self) -> list[int]:
+    """The decode program's row counts: powers of two below the slots, then the slots."""
+    return [1 << i for i in range(max(self.slots - 1, 0).bit_length())
+            if 1 << i < self.slots] + [self.slots]
+
+  def decode_program(self, sampling: bool, live: int, live_rows: int):
     cache, rows, _ = self._shapes()
     args = (self.state, cache, rows(jnp.int32), rows(jnp.int32), rows(jnp.int32),
             rows(jnp.bool_), rows(jnp.int32), rows(jnp.int32),
             tuple(rows(dtype) for _, dtype in SAMPLING_FIELDS))
     return self._compile("decode", self._decode_fn, args,
                          (("steps", self.decode_steps), ("sampling", sampling),
-                          ("live", live)), donate=(1,))
+                          ("live", live), ("live_rows", live_rows)), donate=(1,))
 
   def commit_program(self):
     cache, _, scalar = self._shapes()
@@ -296,7 +305,8 @@ class SlotEngine:
     self.commit_program()
     for live in self.live_buckets():
       for sampling in (False, True):
-        self.decode_program(sampling, live)
+        for live_rows in self.row_buckets():
+          self.decode_program(sampling, live, live_rows)
       for length in self.chunks:
         if length <= live:
           self.chunk_program(length, live)
@@ -337,7 +347,9 @@ class SlotEngine:
     """One decode call over every slot ([B] numpy arrays; params: the SAMPLING_FIELDS
     arrays). Returns (steps, tokens [B, steps], logprobs [B, steps]) as numpy."""
     needed = int(np.max(np.where(done, 0, fill))) + self.decode_steps
-    program = self.decode_program(sampling, self.live_bucket(min(needed, self.capacity)))
+    last_row = int(np.flatnonzero(~np.asarray(done))[-1])
+    program = self.decode_program(sampling, self.live_bucket(min(needed, self.capacity)),
+                                  next(r for r in self.row_buckets() if r > last_row))
     args = [self._rows(x) for x in (token, position, fill, done, generated, max_tokens)]
     steps, self.cache, tokens, logprobs = program(
         self.state, self.cache, *args, tuple(self._rows(p) for p in params))

@@ -79,10 +79,12 @@ def test_unknown_impl_is_a_clear_error(single_device_mesh, rng):
 
 
 @pytest.mark.parametrize("ring_size", [1, 8])
-def test_cache_attention_reads_only_the_live_slots(ring_size, rng):
+@pytest.mark.parametrize("live_rows", [0, 1])
+def test_cache_attention_reads_only_the_live_slots(ring_size, live_rows, rng):
   """ring.cache_attention over a slot cache laid out as ring.slot_write lays it (global
   slot g on device g % N, local index g // N) against float64 NumPy over the first
-  `live` global slots; the slots beyond hold visible garbage that must not be read."""
+  `live` global slots; the slots beyond hold visible garbage that must not be read.
+  With `live_rows`, the rows beyond it get zeros."""
   from parallel.ring import cache_attention
   devices = jax.devices()[:ring_size]
   mesh = make_mesh({"sequence": ring_size}, devices=devices)
@@ -99,7 +101,8 @@ def test_cache_attention_reads_only_the_live_slots(ring_size, rng):
   k = np.transpose(k_global[:, :, order], (0, 1, 3, 2))  # [B, K, D, C]
   v, positions = v_global[:, :, order], positions_global[:, order]
   positions = np.where(order >= live, 0, positions)  # beyond live: visible garbage
-  out = cache_attention(q, k, v, positions, q_positions, mesh=mesh, live=live)
+  out = cache_attention(q, k, v, positions, q_positions, mesh=mesh, live=live,
+                        live_rows=live_rows)
 
   qg = q.astype(np.float64).reshape(batch, length, kv_heads, heads // kv_heads, dim)
   kg, vg = k_global[:, :, :live].astype(np.float64), v_global[:, :, :live].astype(np.float64)
@@ -109,6 +112,8 @@ def test_cache_attention_reads_only_the_live_slots(ring_size, rng):
   weights = np.exp(scores - scores.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   expected = np.einsum("bkglc,bkcd->blkgd", weights, vg).reshape(batch, length, heads, dim)
+  if live_rows:
+    expected[live_rows:] = 0
   assert _relative_error(out, expected) < 1e-5
   # without `live`, the garbage is read: the check above can tell the difference
   assert _relative_error(cache_attention(q, k, v, positions, q_positions, mesh=mesh),
