@@ -69,7 +69,7 @@ def train(config, workdir: str, named: set[str]) -> dict:
   from data import pipeline, tokenizer as tokenizer_lib
   from model import checkpoint as ckpt_lib, inherit
   from model.config import AttentionConfig, ModelConfig
-  from parallel import mesh as mesh_lib, sharding
+  from parallel import layout, mesh as mesh_lib, sharding
   from training import metrics, peak, prefetch, state as state_lib, steps as steps_lib
 
   lead = jax.process_index() == 0
@@ -131,7 +131,8 @@ def train(config, workdir: str, named: set[str]) -> dict:
   batch_size = config.data.batch_size
   first_row, rows = sharding.host_rows(sharding.named_sharding(mesh, ("batch", "sequence")),
                                        (batch_size, config.data.seq_len))
-  put = lambda batch: sharding.put_batch(batch, mesh, batch_size, first_row)
+  order = layout.order_for(model_config)  # zigzag, or natural for a windowed model
+  put = lambda batch: sharding.put_batch(batch, mesh, batch_size, first_row, order)
   train_docs, validation_docs = pipeline.split(documents)
   if config.data.passkey_fraction > 0:  # synthetic passkey documents teach retrieval
     from data import passkey
@@ -205,7 +206,7 @@ def train(config, workdir: str, named: set[str]) -> dict:
     loss_sum = tokens = 0.0
     for _, batch in zip(range(config.log.eval_batches), iterator):
       batch_loss, batch_tokens = eval_step(
-          params, sharding.put_batch(batch, mesh, options["batch_size"], first_row))
+          params, sharding.put_batch(batch, mesh, options["batch_size"], first_row, order))
       loss_sum, tokens = loss_sum + float(batch_loss), tokens + float(batch_tokens)
     return loss_sum / tokens if tokens else None
 

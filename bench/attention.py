@@ -2,11 +2,16 @@
 
   python -m bench.attention            # L = 16K and 32K, two head shapes (~20 min on 2 cores)
   python -m bench.attention --quick    # L = 2K, one repeat (a smoke run, ~1 min)
+  python -m bench.attention --window=4096 --lengths=32768 --shapes=8x64 --impls=ringlm
+                                       # sliding window against full causal (~4 min)
 
 In one process and one run:
   ringlm        parallel.ring.ring_attention, zigzag order, the backend's kernel (xla on CPU)
   ringattention the `ringattention` 0.1.2 package's ring (natural order, 512-token chunks)
   xla-1dev      jax.nn.dot_product_attention on one device (run only where it fits)
+  ringlm-wW     with --window=W: ring_attention with a sliding window of W tokens, natural
+                order (with a window the ring shortens in natural order, and the work is
+                even without zigzag); its speed-up is against full causal `ringlm`
 Batch 1, float32. Useful FLOPs count the four matmuls of forward + backward once
 (3 × 4·L²·H·D / 2 with the causal half); recomputation is not useful work. The
 matmul peak is measured in the same run. Prints a table and writes JSON.
@@ -23,7 +28,7 @@ import time
 NUM_DEVICES = 8
 
 
-def _implementations(mesh, length, heads, head_dim):
+def _implementations(mesh, length, heads, head_dim, window=0):
   """name -> (function of (q, k, v, dout) returning grads, input transform, devices used)."""
   import jax
   import jax.numpy as jnp
@@ -63,13 +68,23 @@ def _implementations(mesh, length, heads, head_dim):
     out, vjp = jax.vjp(attend, q, k, v)
     return out, vjp(dout)
 
+  natural = jnp.arange(length, dtype=jnp.int32)[None]
+
+  def windowed(q, k, v, dout):
+    attend = lambda q, k, v: ring_attention(q, k, v, positions=natural, mesh=mesh, window=window)
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(dout)
+
   zigzag = lambda x: layout.to_zigzag(x, ring)
-  return {"ringlm": (ringlm, zigzag, NUM_DEVICES),
-          "ringattention": (peer, lambda x: x, NUM_DEVICES),
-          "xla-1dev": (dense, lambda x: x, 1)}
+  impls = {"ringlm": (ringlm, zigzag, NUM_DEVICES),
+           "ringattention": (peer, lambda x: x, NUM_DEVICES),
+           "xla-1dev": (dense, lambda x: x, 1)}
+  if window:
+    impls[f"ringlm-w{window}"] = (windowed, lambda x: x, NUM_DEVICES)
+  return impls
 
 
-def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit):
+def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit, window=0, impls=None):
   """Compiles every implementation, then times them interleaved (one run of each per
   round, after one warm-up round), so drift of the shared machine hits all alike."""
   import jax
@@ -82,8 +97,13 @@ def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit):
   inputs = [rng.standard_normal((1, length, heads, head_dim)).astype(np.float32)
             for _ in range(4)]  # q, k, v, dout
   useful_flops = 3 * 4 * length**2 * heads * head_dim / 2
+  # A window W: each query sees min(p + 1, W) keys.
+  window_flops = 3 * 4 * heads * head_dim * (window * length - window * (window - 1) / 2)
   rows, runs, outputs = [], {}, {}
-  for name, (fn, transform, devices) in _implementations(mesh, length, heads, head_dim).items():
+  for name, (fn, transform, devices) in _implementations(mesh, length, heads, head_dim,
+                                                         window).items():
+    if impls and name not in impls and not name.startswith("ringlm-w"):
+      continue
     if devices == 1:
       sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     else:
@@ -108,13 +128,20 @@ def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit):
       row["times_s"].append(time.perf_counter() - start)
   for compiled, args, row in runs.values():
     median = statistics.median(row["times_s"])
-    row.update(median_s=median, useful_flops_per_s=useful_flops / median,
-               percent_of_peak=100 * useful_flops / median / peak)
+    flops = window_flops if row["impl"].startswith("ringlm-w") else useful_flops
+    row.update(median_s=median, useful_flops_per_s=flops / median,
+               percent_of_peak=100 * flops / median / peak)
+    if row["impl"].startswith("ringlm-w"):
+      row["window"] = window
     print(f"  {row['impl']:<14} {median:8.2f} s  {row['useful_flops_per_s'] / 1e9:7.1f} GFLOP/s "
           f"({row['percent_of_peak']:4.1f}% of peak)  "
           f"{row['planned_memory_bytes'] / 2**30:6.2f} GiB", flush=True)
   peer = runs.get("ringattention", (None, None, {}))[2]
+  full = runs.get("ringlm", (None, None, {}))[2]
   for row in rows:
+    if row["impl"].startswith("ringlm-w") and "median_s" in full and "median_s" in row:
+      row["speedup_vs_full_causal"] = full["median_s"] / row["median_s"]
+      row["flop_ratio_vs_full_causal"] = useful_flops / window_flops
     if "median_s" in peer and "median_s" in row:
       row["speedup_vs_ringattention"] = peer["median_s"] / row["median_s"]
     if row["impl"] in outputs and row["impl"] != "ringlm" and "ringlm" in outputs:
@@ -124,8 +151,8 @@ def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit):
 
 def format_table(rows, peak):
   lines = [f"matmul peak (measured): {peak / 1e9:.1f} GFLOP/s", "",
-           "| L | heads x dim | impl | median s | vs ringattention | useful GFLOP/s | % of peak "
-           "| memory GiB | max abs diff vs ringlm |",
+           "| L | heads x dim | impl | median s | speed-up (vs ringattention, or as stated) "
+           "| useful GFLOP/s | % of peak | memory GiB | max abs diff vs ringlm |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     shape = f"{r['heads']} x {r['head_dim']}"
@@ -135,8 +162,15 @@ def format_table(rows, peak):
                    f"| {memory} | |")
       continue
     diff = f"{r['max_abs_diff_vs_ringlm']:.1e}" if "max_abs_diff_vs_ringlm" in r else ""
+    if r["impl"].startswith("ringlm-w"):
+      diff = ""  # another mask: not comparable
+    versus = (f"{r['speedup_vs_ringattention']:.2f}x" if "speedup_vs_ringattention" in r
+              else "")
+    if "speedup_vs_full_causal" in r:
+      versus = (f"{r['speedup_vs_full_causal']:.2f}x vs full causal (FLOPs "
+                f"{r['flop_ratio_vs_full_causal']:.1f}x fewer)")
     lines.append(f"| {r['seq_len']} | {shape} | {r['impl']} | {r['median_s']:.2f} | "
-                 f"{r.get('speedup_vs_ringattention', float('nan')):.2f}x | "
+                 f"{versus} | "
                  f"{r['useful_flops_per_s'] / 1e9:.1f} | {r['percent_of_peak']:.1f} | {memory} | "
                  f"{diff} |")
   return "\n".join(lines)
@@ -148,6 +182,10 @@ def main(argv=None):
   parser.add_argument("--lengths", default="16384,32768")
   parser.add_argument("--shapes", default="8x64,4x128", help="heads x head_dim, comma-separated")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--window", type=int, default=0,
+                      help="also time ringlm with this sliding window (natural order)")
+  parser.add_argument("--impls", default="",
+                      help="comma-separated subset of ringlm,ringattention,xla-1dev (default all)")
   parser.add_argument("--memory_limit_gib", type=float, default=12.0,
                       help="skip an implementation whose planned memory exceeds this")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
@@ -171,12 +209,14 @@ def main(argv=None):
       heads, head_dim = map(int, shape.split("x"))
       print(f"L={length} heads={heads} head_dim={head_dim}", flush=True)
       rows += run_case(mesh, length, heads, head_dim, args.repeats, peak,
-                       args.memory_limit_gib * 2**30)
+                       args.memory_limit_gib * 2**30, window=args.window,
+                       impls=[i for i in args.impls.split(",") if i])
   table = format_table(rows, peak)
   print("\n" + table)
   stamp = datetime.date.today().isoformat()
   out = args.out or os.path.join("bench", "results",
                                  f"attention-{stamp}-{socket.gethostname()}"
+                                 f"{f'-window{args.window}' if args.window else ''}"
                                  f"{'-quick' if args.quick else ''}.json")
   write_json(out, {"benchmark": "attention", "machine": machine(), "matmul": peaks,
                    "args": vars(args), "rows": rows, "table": table})

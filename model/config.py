@@ -89,6 +89,12 @@ class ModelConfig:
   qkv_bias: bool = False        # biases on the q, k, v projections (Qwen2)
   max_seq_len: int = 4096       # longest context the model is meant to serve
   rope: RopeConfig = RopeConfig()
+  # Sliding-window attention (Mistral, Qwen2, the local layers of Gemma-2/3): a query at
+  # position p sees keys at positions in (p - window, p]; 0: the whole context. Part of
+  # what the model computes, so saved with it (a converted model keeps its window).
+  window: int = 0
+  full_layers: tuple = ()       # with a window: the layers that still see the whole context
+  sink_tokens: int = 0          # with a window: the first positions stay visible (StreamingLLM)
   dtype: str = "float32"        # compute dtype of activations and matmuls (bfloat16 on TPU/GPU)
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
   remat: str = "none"           # none | full | dots: recompute blocks in the backward pass
@@ -111,6 +117,33 @@ class ModelConfig:
       raise ConfigError(f"model.remat={self.remat!r}; use one of none, full, dots")
     if self.head_chunk < 0:
       raise ConfigError(f"model.head_chunk={self.head_chunk} must be >= 0 (0: no chunks)")
+    self._check_window()
+
+  def _check_window(self):
+    if self.window < 0:
+      raise ConfigError(f"model.window={self.window} must be >= 0 (0: attend to the whole "
+                        "context; e.g. 4096 for Mistral-7B-v0.1)")
+    if self.sink_tokens < 0 or (self.sink_tokens and not self.window):
+      raise ConfigError(f"model.sink_tokens={self.sink_tokens} needs model.window > 0 and must "
+                        "be >= 0 (sinks keep the first tokens visible past the window); set "
+                        "model.sink_tokens=0")
+    full = tuple(int(layer) for layer in self.full_layers)
+    object.__setattr__(self, "full_layers", full)
+    if full and not self.window:
+      raise ConfigError(f"model.full_layers={full} names layers exempt from a window, but "
+                        "model.window=0; set model.window or model.full_layers=()")
+    bad = [layer for layer in full if not 0 <= layer < self.n_layers]
+    if bad or len(set(full)) != len(full):
+      raise ConfigError(f"model.full_layers={full}: each a distinct layer index in [0, "
+                        f"{self.n_layers}) (model.n_layers={self.n_layers})")
+
+  def layer_window(self, layer: int) -> int:
+    """The sliding window of `layer` (0: it sees the whole context)."""
+    return 0 if layer in self.full_layers else self.window
+
+  def layer_sinks(self, layer: int) -> int:
+    """The sink tokens of `layer` (0 without a window)."""
+    return self.sink_tokens if self.layer_window(layer) else 0
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

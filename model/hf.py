@@ -11,6 +11,15 @@ Tensors (dimension letters: core/__init__.py). transformers stores a Linear as
   gate/up_proj [F, M] -> w_gate/w_up [M, F]    down_proj [M, F] -> w_down [F, M]
   lm_head, embed_tokens [V, M], norms: as they are
 RoPE needs no permutation: ringlm rotates halves as transformers does.
+
+Sliding windows (model.window, model.full_layers; transformers' mask: a query at p sees
+keys in (p - sliding_window, p]):
+  Mistral   sliding_window on every layer (None: none)
+  Qwen2     use_sliding_window + sliding_window on the layers whose `layer_types` entry
+            is "sliding_attention" (without layer_types: layers >= max_window_layers)
+  Llama     none (transformers ignores a sliding_window there, and so does ringlm)
+Layer types other than full and sliding attention, and attention sinks, have no form
+here and are refused.
 """
 
 import math
@@ -78,6 +87,60 @@ def _rope_from_hf(hf: dict, head_dim: int) -> RopeConfig:
   return RopeConfig(theta=theta, scaling=scaling)
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _window_from_hf(hf: dict, architecture: str) -> dict:
+  """The model.window / model.full_layers fields, as transformers applies the config."""
+  layers = int(hf["num_hidden_layers"])
+  if architecture == "LlamaForCausalLM":
+    return {}
+  window = hf.get("sliding_window")
+  if architecture == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+    window = None
+  if window is None:
+    return {}
+  if not isinstance(window, int) or window <= 0:
+    raise ConversionError(f"sliding_window={window!r}: expected a positive number of tokens "
+                          "or null")
+  if architecture == "MistralForCausalLM":  # every layer (transformers ignores layer_types)
+    return {"window": window}
+  types = hf.get("layer_types")
+  if types is None:
+    start = int(hf.get("max_window_layers", layers))
+    types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+  unknown = sorted(set(types) - set(LAYER_TYPES))
+  if unknown or len(types) != layers:
+    raise ConversionError(f"layer_types={types}: ringlm converts one entry per layer, each one "
+                          f"of {', '.join(LAYER_TYPES)}")
+  full = tuple(i for i, kind in enumerate(types) if kind == "full_attention")
+  return {} if len(full) == layers else {"window": window, "full_layers": full}
+
+
+def _window_to_hf(config: ModelConfig, architecture: str) -> dict:
+  """config.json's window fields for `architecture` (the inverse of _window_from_hf)."""
+  if config.sink_tokens:
+    raise ConversionError(f"model.sink_tokens={config.sink_tokens}: transformers has no "
+                          "attention sinks for these architectures; export without them")
+  if architecture == "LlamaForCausalLM":
+    if config.window:
+      raise ConversionError(f"model.window={config.window}: LlamaForCausalLM has no sliding "
+                            "window; export as MistralForCausalLM (every layer windowed) or "
+                            "Qwen2ForCausalLM")
+    return {}
+  if architecture == "MistralForCausalLM":
+    if config.full_layers:
+      raise ConversionError(f"model.full_layers={config.full_layers}: MistralForCausalLM "
+                            "windows every layer; Qwen2ForCausalLM has per-layer windows")
+    return {"sliding_window": config.window or None}
+  types = ["full_attention" if not config.layer_window(i) else "sliding_attention"
+           for i in range(config.n_layers)]
+  leading_full = next((i for i, kind in enumerate(types) if kind != "full_attention"),
+                      config.n_layers)
+  return {"use_sliding_window": bool(config.window), "sliding_window": config.window or None,
+          "max_window_layers": leading_full, "layer_types": types}
+
+
 def model_config_from_hf(hf: dict, dtype: str | None = None) -> tuple[ModelConfig, dict]:
   """(ModelConfig, facts ringlm keeps about the origin) from a config.json dict."""
   architectures = hf.get("architectures") or []
@@ -106,23 +169,24 @@ def model_config_from_hf(hf: dict, dtype: str | None = None) -> tuple[ModelConfi
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=architecture == "Qwen2ForCausalLM",
         max_seq_len=int(hf.get("max_position_embeddings", 4096)),
-        rope=_rope_from_hf(hf, head_dim), dtype=dtype, param_dtype=dtype)
+        rope=_rope_from_hf(hf, head_dim), dtype=dtype, param_dtype=dtype,
+        **_window_from_hf(hf, architecture))
   except KeyError as error:
     raise ConversionError(f"config.json lacks the field {error.args[0]}") from None
   except ConfigError as error:
     raise ConversionError(str(error)) from None
-  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
   origin = {"architecture": architecture, "model_type": ARCHITECTURES[architecture],
-            "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id"),
-            "sliding_window": window}
+            "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}
   return config, origin
 
 
 def hf_config_from_model(config: ModelConfig, origin: dict | None = None) -> dict:
   """config.json (the form current transformers writes) for a ringlm model."""
   origin = origin or {}
-  architecture = origin.get("architecture") or ("Qwen2ForCausalLM" if config.qkv_bias
-                                                else "LlamaForCausalLM")
+  architecture = origin.get("architecture") or (
+      "Qwen2ForCausalLM" if config.qkv_bias
+      else "MistralForCausalLM" if config.window and not config.full_layers
+      else "LlamaForCausalLM")
   if config.qkv_bias and architecture != "Qwen2ForCausalLM":
     raise ConversionError(f"model.qkv_bias=True has no {architecture} form; Qwen2 has it")
   rope, scaling = config.rope, config.rope.scaling
@@ -157,10 +221,7 @@ def hf_config_from_model(config: ModelConfig, origin: dict | None = None) -> dic
         "bos_token_id": origin.get("bos_token_id"), "eos_token_id": origin.get("eos_token_id")}
   if architecture == "LlamaForCausalLM":
     hf.update(attention_bias=False, mlp_bias=False)
-  if architecture != "LlamaForCausalLM":
-    hf["sliding_window"] = origin.get("sliding_window")
-  if architecture == "Qwen2ForCausalLM":
-    hf["use_sliding_window"] = origin.get("sliding_window") is not None
+  hf.update(_window_to_hf(config, architecture))
   return hf
 
 

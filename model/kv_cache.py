@@ -65,11 +65,17 @@ class SlotCache:
   g // N (ring.slot_write). A slot's position says which queries see it (EMPTY:
   none), so a prompt's padding and a finished request's leftovers are never attended
   once their positions are cleared (`clear_from`).
+
+  Rolling (a sliding-window model, every layer windowed): token t of a row goes to slot
+  t while t < C, and after that to kept + (t - kept) mod (C - kept): the first `kept`
+  slots (the sink tokens, rounded up to the ring) stay, the others are reused in turn,
+  so a row holds the last C - kept tokens however long its context grows
+  (`rolling_slot`). Attention masks by position, so the order of slots never matters.
   """
   keys: tuple           # per layer [B, K, D, C], RoPE applied
   values: tuple         # per layer [B, K, C, D]
   positions: jax.Array  # [B, C] int32
-  fill: jax.Array       # [B] int32: the next slot each row writes
+  fill: jax.Array       # [B] int32: the next token index (slot, until a rolling row wraps)
   # Slots attended: only the first `live` global slots of every row (0: all C), a
   # multiple of the ring, so that a step reads the part of the cache in use, not all
   # of it. Static: each value is its own compiled program (serving/slots.py buckets it).
@@ -77,13 +83,23 @@ class SlotCache:
   # Rows attended: only the first `live_rows` (0: all B); the others' attention output is
   # zeros (rows that are not decoding). Static, as `live`.
   live_rows: int = dataclasses.field(default=0, metadata=dict(static=True))
+  # Rolling (above): reuse slots past C; `kept` slots at the start are never reused.
+  rolling: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  kept: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property
   def capacity(self) -> int:
     return self.positions.shape[1]
 
+  def write(self, array, new, slot_axis: int, mesh):
+    """ring.slot_write of `new` (L tokens per row) into one of this cache's arrays at
+    the rows' fills, rolling as this cache does."""
+    return ring.slot_write(array, new, self.fill, slot_axis=slot_axis, mesh=mesh,
+                           rolling=self.rolling, kept=self.kept)
+
   def clear_from(self, mesh, axis="sequence") -> "SlotCache":
-    """Every slot at or after its row's fill made invisible (positions EMPTY)."""
+    """Every slot at or after its row's fill made invisible (positions EMPTY). (A
+    rolling row is cleared only before it wraps, when a request starts in it.)"""
     ring_size = mesh.shape[axis]
     local_slots = self.capacity // ring_size
     # Global slot index of every [B, C] entry in the layout above: slot (l, d) -> l*N + d,
@@ -95,9 +111,11 @@ class SlotCache:
     return dataclasses.replace(self, positions=positions)
 
 
-def empty_slots(config, mesh, slots: int, capacity: int) -> SlotCache:
+def empty_slots(config, mesh, slots: int, capacity: int, *, rolling=False,
+                kept=0) -> SlotCache:
   """An empty SlotCache of `slots` rows of `capacity` slots (a multiple of
-  mesh.sequence), sharded as ring.slot_write expects; `config` is the ModelConfig."""
+  mesh.sequence), sharded as ring.slot_write expects; `config` is the ModelConfig.
+  rolling / kept: see SlotCache."""
   spec = lambda ndim, slot_axis: ring.cache_spec("sequence", ndim, slot_axis)
   place = lambda shape, dtype, value, slot_axis: jax.device_put(
       jnp.full(shape, value, dtype),
@@ -110,4 +128,5 @@ def empty_slots(config, mesh, slots: int, capacity: int) -> SlotCache:
                          ring.VALUE_SLOTS) for _ in range(config.n_layers)),
       positions=place((slots, capacity), jnp.int32, ring.EMPTY, ring.POSITION_SLOTS),
       fill=jax.device_put(jnp.zeros((slots,), jnp.int32),
-                          jax.sharding.NamedSharding(mesh, jax.P(spec(2, 1)[0]))))
+                          jax.sharding.NamedSharding(mesh, jax.P(spec(2, 1)[0]))),
+      rolling=rolling, kept=kept)

@@ -34,7 +34,7 @@ from flax import nnx
 
 from model import loss, rope
 from model.matmul import project
-from model.config import AttentionConfig, ModelConfig
+from model.config import AttentionConfig, ConfigError, ModelConfig
 from model.kv_cache import KVCache, SlotCache
 from parallel import ring, sharding
 
@@ -119,24 +119,25 @@ class Attention(nnx.Module):
     k = sharding.constrain(rope.apply_rotary(k, cos, sin), self.mesh,
                            ("batch", tokens_axis, "kv_heads", "head_dim"))
     v = sharding.constrain(v, self.mesh, ("batch", tokens_axis, "kv_heads", "head_dim"))
+    window = dict(window=self.config.layer_window(layer), sinks=self.config.layer_sinks(layer))
     if isinstance(cache, SlotCache):  # L tokens per row at the row's own fill
-      write = lambda array, new, slot_axis: ring.slot_write(array, new, cache.fill,
-                                                            slot_axis=slot_axis, mesh=self.mesh)
+      write = lambda array, new, slot_axis: cache.write(array, new, slot_axis, self.mesh)
       k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
       v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
       out = ring.cache_attention(q, k, v, cache.positions, positions, mesh=self.mesh,
-                                 live=cache.live, live_rows=cache.live_rows)
+                                 live=cache.live, live_rows=cache.live_rows, **window)
     elif cache is None:
       out = ring.ring_attention(q, k, v, positions=positions, segment_ids=segment_ids,
                                 causal=True, mesh=self.mesh, impl=self.attention.impl,
-                                block_q=self.attention.block_q, block_kv=self.attention.block_kv)
+                                block_q=self.attention.block_q, block_kv=self.attention.block_kv,
+                                **window)
     else:
       write = lambda array, new, slot_axis: ring.cache_write(
           array, new, cache.step, cache.prompt_slots, slot_axis=slot_axis, mesh=self.mesh)
       # [B, 1, K, D] -> keys [B, K, D, 1], values [B, K, 1, D] (model/kv_cache.py)
       k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
       v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
-      out = ring.cache_attention(q, k, v, cache.positions, positions, mesh=self.mesh)
+      out = ring.cache_attention(q, k, v, cache.positions, positions, mesh=self.mesh, **window)
     return project("blhd,hdm->blm", out, weight(self.wo)), (k, v)
 
 
@@ -234,9 +235,8 @@ class Transformer(nnx.Module):
     if isinstance(cache, SlotCache):
       tokens_axis = None  # a chunk's queries attend on every device of the ring
       x = sharding.constrain(x, self.mesh, ("batch", None, "act_embed"))
-      cache = dataclasses.replace(cache, positions=ring.slot_write(
-          cache.positions, positions, cache.fill, slot_axis=ring.POSITION_SLOTS,
-          mesh=self.mesh))
+      cache = dataclasses.replace(cache, positions=cache.write(
+          cache.positions, positions, ring.POSITION_SLOTS, self.mesh))
     elif cache is not None:  # every layer sees the new token's position in its slot
       cache = dataclasses.replace(cache, positions=ring.cache_write(
           cache.positions, positions, cache.step, cache.prompt_slots,
@@ -321,6 +321,11 @@ def abstract(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
   from model import checkpoint
   step_dir, meta = checkpoint.load_meta(path)
   config = dataclasses.replace(ModelConfig.from_dict(meta["config"]["model"]), **model_overrides)
+  origin_window = (meta["config"].get("hf") or {}).get("sliding_window")
+  if origin_window and not config.window:  # converted before ringlm applied windows
+    raise ConfigError(f"{path} was converted from a model with sliding_window={origin_window} "
+                      "by a ringlm that ignored it; convert it again with tools.convert_hf, "
+                      f"or pass --config.model.window={origin_window}")
   graphdef, targets = abstract_params(config, mesh, attention)
   checkpoint.check_param_shapes(step_dir, targets)  # fail before anything compiles
   return nnx.merge(graphdef, targets), step_dir, meta

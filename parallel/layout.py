@@ -6,7 +6,10 @@ the sequence into 2N chunks and gives sequence shard i the chunks i and 2N-1-i, 
 every shard holds one early and one late chunk and does the same amount of work.
 
 Masks come from positions, so attention is correct in any order; this module only
-decides which order the tokens are laid out in. Permute tokens, positions, segment
+decides which order the tokens are laid out in. A model whose every layer has a
+sliding window (and no sink tokens) keeps natural order (`order_for`): its work is
+even without zigzag, and in natural order the ring stops once the window is covered
+(docs/design.md, "Sliding windows on the ring"). Permute tokens, positions, segment
 ids and targets with `to_zigzag` before the step (host side, free); the per-token
 outputs come back in the same order and `from_zigzag` restores natural order.
 """
@@ -22,6 +25,12 @@ def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
   chunks = np.arange(seq_len).reshape(2 * num_shards, seq_len // (2 * num_shards))
   order = [c for i in range(num_shards) for c in (i, 2 * num_shards - 1 - i)]
   return chunks[order].reshape(-1)
+
+
+def order_for(model_config) -> str:
+  """"natural" for a model windowed on every layer without sinks, else "zigzag"."""
+  windowed = model_config.window and not model_config.full_layers
+  return "natural" if windowed and not model_config.sink_tokens else "zigzag"
 
 
 def to_zigzag(x, num_shards: int, axis: int = 1):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from parallel import sharding
-from parallel.kernels import xla
+from parallel.kernels import masking, xla
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
@@ -78,8 +78,9 @@ def _to_next(ring_size):
   return [(i, (i + 1) % ring_size) for i in range(ring_size)]
 
 
-def _around_the_ring(kv_block, state, visit, *, axis, ring_size):
-  """state = visit(kv_block, state) for each of the N KV blocks as they pass this device.
+def _around_the_ring(kv_block, state, visit, *, axis, ring_size, steps=None):
+  """state = visit(kv_block, state) for each of the N KV blocks as they pass this device
+  (or the first `steps`, a traced int32 the same on every device: a shortened ring).
 
   The block moves on to the next device (ppermute) before each visit but the last, so
   the transfer overlaps the compute; returns the final state.
@@ -89,19 +90,51 @@ def _around_the_ring(kv_block, state, visit, *, axis, ring_size):
     next_block = lax.ppermute(kv_block, axis, _to_next(ring_size))  # issued before the compute
     return next_block, visit(kv_block, state)
 
-  kv_block, state = lax.fori_loop(0, ring_size - 1, step, (kv_block, state))
+  steps = ring_size if steps is None else steps
+  kv_block, state = lax.fori_loop(0, steps - 1, step, (kv_block, state))
   return visit(kv_block, state)  # the last block: nothing left to send
 
 
+def _steps_needed(positions, segment_ids, *, axis, ring_size, causal, window, sinks):
+  """How far the KV blocks must travel (docs/design.md, "Sliding windows on the ring"):
+  the number of ring steps s = 1..N after which no device's queries can see the block
+  that arrives next, an int32 scalar that is the same on every device, or None for all
+  N (no window, or sinks: the first tokens are seen by every later query).
+
+  Every device shares the ranges of its positions and segment ids (4 int32 each, an
+  all-gather), and step s is needed when some device i may see the block of device
+  i - s (masking.range_states). With a window W in natural order, N local tokens each,
+  that is 1 + ceil((W - 1) / L_local) steps; in zigzag order a device's second chunk
+  needs its neighbour's, which comes last, so the ring does not shorten.
+  """
+  if not window or sinks:
+    return None
+  summary = jnp.stack([positions.min(), positions.max(), segment_ids.min(), segment_ids.max()])
+  everyone = lax.all_gather(summary, axis)                      # [N, 4]
+  device, step = jnp.arange(ring_size)[:, None], jnp.arange(ring_size)[None, :]
+  queries = [everyone[:, None, c] for c in range(4)]            # [N, 1]
+  keys = [everyone[(device - step) % ring_size, c] for c in range(4)]  # [N devices, N steps]
+  visible, _ = masking.range_states(queries, keys, causal, window, sinks)
+  needed = visible.any(axis=0)                                  # [N steps]
+  return jnp.max(jnp.where(needed, jnp.arange(1, ring_size + 1), 1)).astype(jnp.int32)
+
+
 def _local_ring(q, k, v, positions, segment_ids, *, kernel, kernel_opts, axis, ring_size,
-                causal, scale, block_q, block_kv):
+                causal, scale, block_q, block_kv, window, sinks):
   """The per-device ring (runs inside shard_map); differentiable through its custom VJP."""
-  ring = functools.partial(_around_the_ring, axis=axis, ring_size=ring_size)
+  def ring(kv_block, state, visit):
+    """_around_the_ring, as far as the blocks need to travel; returns (state, steps)."""
+    _, _, positions, segment_ids = kv_block
+    steps = _steps_needed(positions, segment_ids, axis=axis, ring_size=ring_size,
+                          causal=causal, window=window, sinks=sinks)
+    return _around_the_ring(kv_block, state, visit, axis=axis, ring_size=ring_size,
+                            steps=steps), steps
+
   # Unset block sizes: the kernel's default, halved until it divides the local half, so
   # no block straddles the two chunks a device holds in zigzag order (a straddling
   # block could rarely be skipped).
   half = q.shape[1] // 2 if ring_size > 1 else q.shape[1]
-  opts = dict(kernel_opts, causal=causal, scale=scale,
+  opts = dict(kernel_opts, causal=causal, scale=scale, window=window, sinks=sinks,
               block_q=block_q or _fit(kernel.BLOCK_Q, half),
               block_kv=block_kv or _fit(kernel.BLOCK_KV, half))
 
@@ -113,7 +146,7 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, kernel_opts, axis, r
       return _merge(*state, block_out.astype(jnp.float32), block_lse)
 
     state = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
-    out, lse = ring((k, v, positions, segment_ids), state, attend)
+    (out, lse), _ = ring((k, v, positions, segment_ids), state, attend)
     return out.astype(q.dtype), lse
 
   @jax.custom_vjp
@@ -138,7 +171,11 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, kernel_opts, axis, r
       return dq + dq_s, dkv
 
     zeros = jnp.zeros(q.shape, jnp.float32), jnp.zeros((2, *k.shape), jnp.float32)
-    dq, (dk, dv) = ring((k, v, positions, segment_ids), zeros, grads)
+    (dq, dkv), steps = ring((k, v, positions, segment_ids), zeros, grads)
+    if steps is not None:  # a shortened ring: the accumulators are `steps` hops from home
+      back = [(i, (i - 1) % ring_size) for i in range(ring_size)]
+      dkv = lax.fori_loop(0, steps, lambda _, x: lax.ppermute(x, axis, back), dkv)
+    dk, dv = dkv
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
   attention.defvjp(attention_fwd, attention_bwd)
@@ -146,7 +183,7 @@ def _local_ring(q, k, v, positions, segment_ids, *, kernel, kernel_opts, axis, r
 
 
 def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, axis="sequence",
-                   impl="auto", scale=None, block_q=None, block_kv=None):
+                   impl="auto", scale=None, block_q=None, block_kv=None, window=0, sinks=0):
   """Softmax attention of q over k, v with the sequence split over the `axis` ring.
 
   Args (global arrays):
@@ -155,6 +192,10 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
     positions: [B, L] int32 token positions (any order: natural or zigzag).
     segment_ids: [B, L] int32 document ids of packed rows, or None (one document).
     causal: a query sees keys with kv_pos <= q_pos (and the same segment id).
+    window: a sliding window (0: none): a query at p sees keys at positions in (p - window,
+      p]; blocks outside every window are skipped, and the ring stops once no device
+      sees what would come next (_steps_needed). sinks: with a window, keys at positions
+      < sinks stay visible (parallel/kernels/masking.py).
     mesh: the Mesh; `axis` is its ring axis. scale defaults to D**-0.5.
     impl: kernel implementation (one of IMPLS; "auto": the mesh's platform's, see
       kernel_module); block_q/block_kv: kernel block sizes (None: the kernel's default).
@@ -162,6 +203,7 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
     [B, L, H, D] in q.dtype, sharded like q. Rows that see no key are 0.
   """
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  masking.check_window(causal, window, sinks)
   if segment_ids is None:
     segment_ids = jnp.zeros(positions.shape, jnp.int32)
   batch_axes = sharding.RULES["batch"]
@@ -172,8 +214,8 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
   kernel = kernel_module(impl, platform)
   local = functools.partial(
       _local_ring, kernel=kernel, kernel_opts=kernel_options(kernel, platform), axis=axis,
-      ring_size=mesh.shape[axis],
-      causal=causal, scale=scale, block_q=block_q, block_kv=block_kv)
+      ring_size=mesh.shape[axis], causal=causal, scale=scale, block_q=block_q,
+      block_kv=block_kv, window=window, sinks=sinks)
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, token_spec,
                                                    token_spec), out_specs=q_spec,
                        # The kernels' lax.cond branches and Pallas calls carry no
@@ -263,7 +305,14 @@ def cache_write(cache, new, step, prompt_slots: int, *, slot_axis: int, mesh,
                        check_vma=False)(cache, new.astype(cache.dtype), step)
 
 
-def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence"):
+def rolling_slot(token, capacity: int, kept: int):
+  """The slot of token index `token` (int32 array) in a rolling row of `capacity` slots
+  whose first `kept` are never reused (model/kv_cache.py, SlotCache)."""
+  return jnp.where(token < kept, token, kept + (token - kept) % (capacity - kept))
+
+
+def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence", rolling=False,
+               kept=0):
   """Writes L new slots into each row of a continuous-batching cache (model/kv_cache.py,
   SlotCache), row b at its own slot index fill[b].
 
@@ -277,13 +326,19 @@ def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence"):
     fill: [B] int32, the first slot to write in each row. With L > 1, L and every
       fill[b] are multiples of N (then device d writes L / N slots: the chunk's tokens
       d, d + N, ...).
+    rolling: fill counts tokens, and token t goes to slot rolling_slot(t, C, kept)
+      (kept and C multiples of N, so a token stays on device t % N).
   Returns:
     `cache` with slots fill[b] .. fill[b] + L - 1 of row b replaced.
   """
   ring_size = mesh.shape[axis]
   count = new.shape[slot_axis]
+  capacity = cache.shape[slot_axis]
   if count > 1 and count % ring_size:
     raise ValueError(f"{count} slots written at once: not a multiple of mesh.{axis}={ring_size}")
+  if rolling and (kept % ring_size or capacity % ring_size or capacity - kept < count):
+    raise ValueError(f"a rolling cache of {capacity} slots keeping {kept} needs both multiples "
+                     f"of mesh.{axis}={ring_size} and room for {count} new slots")
   spec = cache_spec(axis, cache.ndim, slot_axis)
   new_spec = jax.P(*(None if i == slot_axis else name for i, name in enumerate(spec)))
 
@@ -293,12 +348,20 @@ def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence"):
       shape = new.shape[:slot_axis] + (count // ring_size, ring_size) + new.shape[slot_axis + 1:]
       new = lax.dynamic_index_in_dim(new.reshape(shape), device, slot_axis + 1, keepdims=False)
       mine = jnp.ones_like(fill, bool)
+      tokens = device + ring_size * jnp.arange(count // ring_size, dtype=jnp.int32)
     else:
       mine = fill % ring_size == device
+      tokens = jnp.zeros((1,), jnp.int32)
 
     def row(cache, new, fill, mine):  # one row: the slot axis is slot_axis - 1
+      axis_in_row = slot_axis - 1
+      if rolling:  # a scatter: the slots may wrap around the row's end
+        local_slots = rolling_slot(fill + tokens, capacity, kept) // ring_size
+        moved, new = jnp.moveaxis(cache, axis_in_row, 0), jnp.moveaxis(new, axis_in_row, 0)
+        moved = moved.at[local_slots].set(jnp.where(mine, new, moved[local_slots]))
+        return jnp.moveaxis(moved, 0, axis_in_row)
       start = [0] * cache.ndim
-      start[slot_axis - 1] = fill // ring_size
+      start[axis_in_row] = fill // ring_size
       old = lax.dynamic_slice(cache, start, new.shape)
       return lax.dynamic_update_slice(cache, jnp.where(mine, new, old), start)
 
@@ -310,7 +373,7 @@ def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence"):
 
 
 def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
-                    axis="sequence", scale=None, live=0, live_rows=0):
+                    axis="sequence", scale=None, live=0, live_rows=0, window=0, sinks=0):
   """Attention of L new tokens per row over a sequence-sharded KV cache (a decode
   step: L = 1; a chunk of a prompt prefilled into a SlotCache: L > 1).
 
@@ -326,7 +389,7 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
       `axis`.
     cache_positions: [B, C] int32 token position of each slot (EMPTY: none).
     q_positions: [B, L] int32; a slot is visible to a query when its position <= the
-      query's.
+      query's (and, with a sliding `window`, > the query's - window, or < `sinks`).
     live: attend only to the first `live` global slots (a multiple of the ring size N:
       local slots [0, live / N) of every device, as ring.slot_write lays them out);
       0: all C. Slots beyond must hold nothing a query should see.
@@ -361,7 +424,11 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     grouped = jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim),
                            1, 3).astype(jnp.float32)
     scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k.astype(jnp.float32)) * scale
-    visible = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, L, C]
+    kv_pos, q_pos = kv_pos[:, None, :], q_pos[:, :, None]
+    visible = kv_pos <= q_pos
+    if window:
+      visible &= (kv_pos > masking.window_start(q_pos, window)) | (kv_pos < sinks)
+    visible = visible[:, None, None]  # [B, 1, 1, L, C]
     scores = jnp.where(visible, scores, -jnp.inf)
     local_max = jnp.max(scores, axis=-1)  # [B, K, G, L]
     ring_max = lax.pmax(local_max, axis)

@@ -113,12 +113,13 @@ def put_rows(rows, mesh, logical_axes, global_rows: int | None = None, first_row
   return jax.make_array_from_callback(shape, named_sharding(mesh, logical_axes), shard)
 
 
-def put_batch(batch: dict, mesh, global_rows: int | None = None, first_row: int = 0) -> dict:
+def put_batch(batch: dict, mesh, global_rows: int | None = None, first_row: int = 0,
+              order: str = "zigzag") -> dict:
   """A batch of [R, L] token arrays (inputs, targets, positions, segment ids, ...) in
   natural order -> global [B, L] arrays sharded ("batch", "sequence"), the tokens in
-  zigzag order over the ring (parallel/layout.py) when mesh.sequence > 1. Arguments as
-  for `put_rows`."""
-  ring = mesh.shape["sequence"]
+  zigzag order over the ring (parallel/layout.py) when mesh.sequence > 1, unless
+  `order` is "natural" (layout.order_for). Arguments as for `put_rows`."""
+  ring = mesh.shape["sequence"] if order == "zigzag" else 1
   return {key: put_rows(layout.to_zigzag(np.asarray(value), ring), mesh, ("batch", "sequence"),
                         global_rows, first_row)
           for key, value in batch.items()}

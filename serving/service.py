@@ -83,8 +83,9 @@ def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
   model.max_seq_len or the budget, with values that fit."""
   devices = list(mesh.devices.flat)
   params = parameter_bytes_per_device(model)
-  prefix = serve.prefix_cache_mb << 20
   ring = mesh.shape["sequence"]
+  layout = slots_lib.SlotEngine.row_layout(model.config, max_context, chunks[-1], ring)
+  prefix = 0 if layout.rolling else serve.prefix_cache_mb << 20  # (none with rolling rows)
   if devices[0].platform == "cpu":
     budget = serve.memory_budget_mb << 20
     free = budget - params * len(devices) - prefix
@@ -95,9 +96,14 @@ def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
     source = f"{human_bytes(limit)} per {devices[0].device_kind}, 10% kept back"
   free = max(free, 0)
   per_token = slots_lib.per_token_bytes(model.config)
+  rolling_slots = layout.capacity if layout.rolling else 0
+  if layout.rolling:
+    source += (f"; sliding window {model.config.window}: a rolling cache of "
+               f"{layout.capacity} slots per request")
   fit = slots_lib.kv_capacity(per_token_bytes=per_token, free_bytes=free,
                               slots=serve.batch_size, max_context=max_context,
-                              largest_chunk=chunks[-1], ring_size=ring)
+                              largest_chunk=chunks[-1], ring_size=ring,
+                              rolling_slots=rolling_slots)
   if fit["fits"]:
     return Capacity(serve.batch_size, max_context, fit["cache_bytes"], free, source)
   need = human_bytes(fit["cache_bytes"])
@@ -106,7 +112,7 @@ def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
   if fit["max_batch"] == 0:
     single = slots_lib.kv_capacity(per_token_bytes=per_token, free_bytes=free, slots=1,
                                    max_context=max_context, largest_chunk=chunks[-1],
-                                   ring_size=ring)["max_context"]
+                                   ring_size=ring, rolling_slots=rolling_slots)["max_context"]
     raise ConfigError(
         f"model.max_seq_len={max_context}: not even one request of that length fits "
         f"({need} of KV cache at serve.batch_size={serve.batch_size}; "
@@ -142,17 +148,19 @@ class Service:
                eos_ids, chat_template, model_name, api_key, seed, load):
     ring = mesh.shape["sequence"]
     self.serve, self.load, self.tokenizer, self.eos_ids = serve, load, tokenizer, eos_ids
+    layout = slots_lib.SlotEngine.row_layout(shapes.config, max_context, chunks[-1], ring)
     self.engine = slots_lib.SlotEngine(
         shapes, mesh, slots=serve.batch_size, chunks=chunks,
-        decode_steps=serve.slot_decode_steps, eos_ids=eos_ids,
-        capacity=slots_lib.SlotEngine.capacity_for(max_context, chunks[-1], ring))
+        decode_steps=serve.slot_decode_steps, eos_ids=eos_ids, capacity=layout.capacity,
+        rolling=layout.rolling, kept=layout.kept)
     self.metrics = ServerMetrics(serve.accelerator_hour_usd)
     self.metrics.slots.set(serve.batch_size)
     self.metrics.cache_tokens.set(serve.batch_size * self.engine.capacity)
     self.metrics.max_context.set(max_context)
     block = -(-serve.prefix_block // ring) * ring
+    # A rolling row no longer holds a long prompt's first slots: no prefix cache.
     self.prefix_cache = (PrefixCache(block, serve.prefix_cache_mb << 20, self.metrics)
-                         if serve.prefix_cache_mb > 0 else None)
+                         if serve.prefix_cache_mb > 0 and not layout.rolling else None)
     self.server = api.Server(
         model_name=model_name, tokenizer=tokenizer, chat_template=chat_template,
         vocab_size=shapes.config.vocab_size, max_context=max_context,

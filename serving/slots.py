@@ -65,6 +65,14 @@ def chunk_sizes(smallest: int, largest: int, ring_size: int) -> tuple[int, ...]:
   return tuple(sorted(set(sizes)))
 
 
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+  """Slots per row of the SlotCache, and whether the row rolls (SlotEngine.row_layout)."""
+  capacity: int
+  rolling: bool
+  kept: int
+
+
 class SlotEngine:
   """The programs of continuous batching on `mesh` for `model` (a Transformer whose
   parameters live on the mesh; abstract parameters are enough to compile).
@@ -80,8 +88,17 @@ class SlotEngine:
   """
 
   def __init__(self, model, mesh, *, slots: int, capacity: int, chunks: tuple,
-               decode_steps: int, eos_ids=(), min_live: int = MIN_LIVE):
+               decode_steps: int, eos_ids=(), min_live: int = MIN_LIVE, rolling=False,
+               kept=0):
     self.model, self.mesh = model, mesh
+    self.rolling, self.kept = rolling, kept
+    config = model.config
+    if rolling and (not config.window or config.full_layers
+                    or capacity - kept < config.window - 1 + max(chunks)):
+      raise ValueError(f"a rolling cache of {capacity} slots (keeping {kept}) needs a model "
+                       f"windowed on every layer and at least model.window - 1 + the largest "
+                       f"chunk = {config.window - 1 + max(chunks)} slots beyond the kept ones "
+                       "(SlotEngine.row_layout)")
     self.graphdef, self.state = nnx.split(model)
     self.slots, self.capacity, self.chunks = slots, capacity, tuple(chunks)
     self.decode_steps, self.min_live = decode_steps, min_live
@@ -98,6 +115,22 @@ class SlotEngine:
   def capacity_for(max_context: int, largest_chunk: int, ring_size: int) -> int:
     return -(-(max_context + largest_chunk) // ring_size) * ring_size
 
+  @staticmethod
+  def row_layout(config, max_context: int, largest_chunk: int, ring_size: int) -> "RowLayout":
+    """The slots of a row: every token of the longest request (capacity_for), or, for a
+    model whose every layer has a sliding window W and S sink tokens, a rolling row
+    (model/kv_cache.SlotCache) where that is smaller: S kept slots and W - 1 + the
+    largest chunk reused ones (a chunk's first query still sees the W - 1 tokens
+    before it while the chunk overwrites the oldest), each rounded up to the ring. A
+    rolling row serves any context length."""
+    whole = SlotEngine.capacity_for(max_context, largest_chunk, ring_size)
+    if not config.window or config.full_layers:
+      return RowLayout(whole, False, 0)
+    up = lambda n: -(-n // ring_size) * ring_size
+    kept = up(config.sink_tokens)
+    rolling = kept + up(config.window - 1 + largest_chunk)
+    return RowLayout(rolling, True, kept) if rolling < whole else RowLayout(whole, False, 0)
+
   def cache_bytes(self) -> int:
     """Bytes of the SlotCache and the staging row (keys and values of every layer, and
     positions)."""
@@ -108,8 +141,12 @@ class SlotEngine:
 
   def reset(self) -> None:
     """An empty cache and staging row (made on the mesh)."""
-    self.cache = kv_cache.empty_slots(self.model.config, self.mesh, self.slots, self.capacity)
-    self.staging = kv_cache.empty_slots(self.model.config, self.mesh, 1, self.capacity)
+    self.cache = self._empty(self.slots)
+    self.staging = self._empty(1)
+
+  def _empty(self, rows: int) -> kv_cache.SlotCache:
+    return kv_cache.empty_slots(self.model.config, self.mesh, rows, self.capacity,
+                                rolling=self.rolling, kept=self.kept)
 
   # --- the programs --------------------------------------------------------------------
 
@@ -129,9 +166,9 @@ class SlotEngine:
   def _commit_fn(self, cache, staging, row):
     """The staging row written over row `row` of the cache (keys, values, positions)."""
     put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, row, axis=0)
-    return kv_cache.SlotCache(tuple(map(put, cache.keys, staging.keys)),
-                              tuple(map(put, cache.values, staging.values)),
-                              put(cache.positions, staging.positions), cache.fill)
+    return dataclasses.replace(cache, keys=tuple(map(put, cache.keys, staging.keys)),
+                               values=tuple(map(put, cache.values, staging.values)),
+                               positions=put(cache.positions, staging.positions))
 
   def _decode_fn(self, state, cache, token, position, fill, done, generated, max_tokens,
                  params, *, steps, sampling, live, live_rows):
@@ -151,9 +188,7 @@ class SlotEngine:
     def body(carry):
       i, cache, token, position, fill, done, out_tokens, out_logprobs = carry
       # A row that is not decoding writes into its last slot (cleared before reuse).
-      cache = kv_cache.SlotCache(cache.keys, cache.values, cache.positions,
-                                 jnp.where(done, last_slot, fill), live=live,
-                                 live_rows=live_rows)
+      cache = dataclasses.replace(cache, fill=jnp.where(done, last_slot, fill))
       next_token, logprob, cache, done = decode_step(
           model, cache, token, position, params, generated + i, eos, max_tokens, done,
           sampling=sampling)
@@ -182,8 +217,7 @@ class SlotEngine:
     row array of a dtype, a scalar of a dtype)."""
     named = lambda axes: sharding.named_sharding(self.mesh, axes)
     cache_rows = self.slots if cache_rows is None else cache_rows
-    cache = jax.eval_shape(lambda: kv_cache.empty_slots(self.model.config, self.mesh,
-                                                        cache_rows, self.capacity))
+    cache = jax.eval_shape(lambda: self._empty(cache_rows))
     # eval_shape drops shardings; give the cache its own.
     spec = lambda ndim, slot_axis: jax.sharding.NamedSharding(
         self.mesh, ring.cache_spec("sequence", ndim, slot_axis))
@@ -194,7 +228,8 @@ class SlotEngine:
                      for v in cache.values),
         positions=jax.ShapeDtypeStruct(cache.positions.shape, jnp.int32,
                                        sharding=spec(2, ring.POSITION_SLOTS)),
-        fill=jax.ShapeDtypeStruct((cache_rows,), jnp.int32, sharding=named(("batch",))))
+        fill=jax.ShapeDtypeStruct((cache_rows,), jnp.int32, sharding=named(("batch",))),
+        rolling=self.rolling, kept=self.kept)
     rows = lambda dtype: jax.ShapeDtypeStruct((self.slots,), dtype, sharding=named(("batch",)))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=named(()))
     return cache, rows, scalar
@@ -219,8 +254,9 @@ class SlotEngine:
     return sorted(set(s for s in sizes if s < self.capacity)) + [self.capacity]
 
   def live_bucket(self, slots: int) -> int:
-    """The smallest live size holding `slots` slots of every row."""
-    return next(size for size in self.live_buckets() if size >= slots)
+    """The smallest live size holding `slots` slots of every row (all of them when a
+    rolling row has wrapped)."""
+    return next(size for size in self.live_buckets() if size >= min(slots, self.capacity))
 
   def row_buckets(self) -> list[int]:
     """The decode program's row counts: powers of two below the slots, then the slots."""
@@ -276,8 +312,8 @@ class SlotEngine:
       out.append(jax.shard_map(put, mesh=self.mesh, in_specs=(spec, spec), out_specs=spec,
                                check_vma=False)(array, part))
     layers = len(staging.keys)
-    return kv_cache.SlotCache(tuple(out[:layers]), tuple(out[layers:2 * layers]), out[-1],
-                              staging.fill)
+    return dataclasses.replace(staging, keys=tuple(out[:layers]),
+                               values=tuple(out[layers:2 * layers]), positions=out[-1])
 
   def _prefix_programs(self, length: int):
     staging = self._shapes(cache_rows=1)[0]
@@ -358,17 +394,25 @@ class SlotEngine:
 
 
 def kv_capacity(*, per_token_bytes: int, free_bytes: int, slots: int, max_context: int,
-                largest_chunk: int, ring_size: int) -> dict:
+                largest_chunk: int, ring_size: int, rolling_slots: int = 0) -> dict:
   """What fits in `free_bytes` of KV cache (after the parameters and the prefix cache):
   {"max_context": longest request (prompt + max_tokens) per slot at `slots` slots,
    "max_batch": most slots at `max_context`, "fits": both asked for fit,
    "cache_bytes": the cache asked for}. A row holds its request plus one chunk
-  (SlotEngine.capacity_for); there is one row more than the slots, the staging row."""
+  (SlotEngine.capacity_for), or with `rolling_slots` at most that many slots (a rolling
+  row, SlotEngine.row_layout, which holds a request of any length); there is one row
+  more than the slots, the staging row."""
   row = lambda context: SlotEngine.capacity_for(context, largest_chunk, ring_size)
+  if rolling_slots:
+    row = lambda context: min(SlotEngine.capacity_for(context, largest_chunk, ring_size),
+                              rolling_slots)
   per_row = row(max_context) * per_token_bytes
   rows = slots + 1
-  longest = (free_bytes // rows) // per_token_bytes - largest_chunk
-  longest = max(longest // ring_size * ring_size, 0)
+  room = (free_bytes // rows) // per_token_bytes
+  if rolling_slots and room >= rolling_slots:
+    longest = max_context  # a rolling row: any length
+  else:
+    longest = max((room - largest_chunk) // ring_size * ring_size, 0)
   return {"max_context": min(longest, max_context), "fits": rows * per_row <= free_bytes,
           "max_batch": max(int(free_bytes // per_row) - 1, 0), "cache_bytes": rows * per_row,
           "free_bytes": free_bytes}

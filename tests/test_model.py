@@ -137,3 +137,18 @@ def test_head_in_chunks_gives_the_same_loss_and_gradients(tied):
   config = dataclasses.replace(CONFIG, tie_embeddings=tied)
   expected = log_probs_and_grads(config)
   _assert_same(log_probs_and_grads(dataclasses.replace(config, head_chunk=8)), expected)
+
+
+@pytest.mark.parametrize("window", [dict(window=5), dict(window=10, full_layers=(1,)),
+                                    dict(window=6, sink_tokens=2)],
+                         ids=["all-layers", "one-full-layer", "sinks"])
+def test_windowed_model_on_the_ring_equals_single_device(window, single_device_mesh,
+                                                         single_device_result):
+  """A window model, in the order training uses for it (layout.order_for), on a ring of
+  8 and on data 2 x ring 4, gives the one-device logits and gradients (which the window
+  changes: documents are 24 tokens long)."""
+  config = dataclasses.replace(CONFIG, **window)
+  expected = _logits_and_grads(config, single_device_mesh, "natural")
+  assert np.abs(expected[0] - single_device_result[0]).max() > 1e-3
+  for axes in ({"sequence": 8}, {"data": 2, "sequence": 4}):
+    _assert_same(_logits_and_grads(config, make_mesh(axes), layout.order_for(config)), expected)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from parallel import layout
+from parallel import layout, ring
 from parallel.kernels import reference
 from parallel.mesh import make_mesh
 from parallel.ring import ring_attention
@@ -118,3 +118,58 @@ def test_cache_attention_reads_only_the_live_slots(ring_size, live_rows, rng):
   # without `live`, the garbage is read: the check above can tell the difference
   assert _relative_error(cache_attention(q, k, v, positions, q_positions, mesh=mesh),
                          expected) > 1e-2
+
+
+@pytest.mark.parametrize("axes", [{"sequence": 8}, {"data": 2, "sequence": 4}],
+                         ids=["seq8", "data2-seq4"])
+@pytest.mark.parametrize("order", ["natural", "zigzag"])
+@pytest.mark.parametrize("window,sinks", [(20, 0), (7, 3)])
+def test_ring_attention_with_a_window(axes, order, window, sinks, rng):
+  """A sliding window (and sinks) on the ring, forward and gradients, against float64:
+  packed documents, GQA, both token orders (the shortened ring in natural order)."""
+  mesh = make_mesh(axes)
+  ring_size = mesh.shape["sequence"]
+  q, k, v, positions, _, segments, _, dout = attention_inputs(
+      rng, batch=2, q_len=128, q_heads=4, kv_heads=2, head_dim=16, doc_len=90)
+  if order == "zigzag":
+    q, k, v, positions, segments, dout = (
+        layout.to_zigzag(x, ring_size) for x in (q, k, v, positions, segments, dout))
+
+  def attend(q, k, v):
+    return ring_attention(q, k, v, positions=positions, segment_ids=segments, mesh=mesh,
+                          block_q=8, block_kv=8, window=window, sinks=sinks)
+
+  out, grad_fn = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v))(q, k, v)
+  grads = jax.jit(grad_fn)(dout)
+  opts = dict(window=window, sinks=sinks)
+  ref_out, _ = reference.attention(q, k, v, positions, positions, segments, segments, **opts)
+  ref_grads = reference.attention_grads(q, k, v, positions, positions, segments, segments, dout,
+                                        **opts)
+  assert _relative_error(out, ref_out) < 1e-5
+  for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads):
+    assert _relative_error(grad, ref_grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("order,window,sinks,expected", [
+    ("natural", 20, 0, 3),   # 16 tokens per device: the own block and two before it
+    ("natural", 16, 0, 2),
+    ("natural", 1, 0, 1),    # every query sees itself only: no transfer at all
+    ("natural", 20, 2, 8),   # sinks: everyone needs device 0's block
+    ("natural", 0, 0, 8),
+    ("zigzag", 20, 0, 8),    # the second chunk needs the next device's: all the way round
+])
+def test_the_ring_shortens_with_a_window(order, window, sinks, expected):
+  mesh = make_mesh({"sequence": 8})
+  positions = np.arange(128, dtype=np.int32)[None]
+  if order == "zigzag":
+    positions = layout.to_zigzag(positions, 8)
+  segments = np.ones_like(positions)
+
+  def steps(positions, segments):
+    count = ring._steps_needed(positions, segments, axis="sequence", ring_size=8, causal=True,
+                               window=window, sinks=sinks)
+    return jax.numpy.full((1,), 8 if count is None else count)
+
+  counts = jax.jit(jax.shard_map(steps, mesh=mesh, in_specs=jax.P(None, "sequence"),
+                                 out_specs=jax.P("sequence")))(positions, segments)
+  np.testing.assert_array_equal(np.asarray(counts), expected)

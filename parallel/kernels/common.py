@@ -21,10 +21,11 @@ NEG_INF = -jnp.inf
 
 
 def kernel_jit(*more_static):
-  """jax.jit of `block_attention` / `block_attention_bwd`: the block options (causal,
-  scale, block_q, block_kv) and the names in `more_static` are static."""
-  return functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_kv")
-                           + more_static)
+  """jax.jit of `block_attention` / `block_attention_bwd`: the mask and block options
+  (causal, window, sinks, scale, block_q, block_kv) and the names in `more_static` are
+  static."""
+  return functools.partial(jax.jit, static_argnames=("causal", "window", "sinks", "scale",
+                                                     "block_q", "block_kv") + more_static)
 
 
 def interpret_mode(interpret):

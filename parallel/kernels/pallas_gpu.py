@@ -51,7 +51,8 @@ def _power_of_two(x):
 class _Plan:
   """Block sizes, padded lengths, skip tables and padded tokens of one call."""
 
-  def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv):
+  def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, rule, block_q, block_kv):
+    masking.check_window(*rule)
     q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
     if not (_power_of_two(block_q) and _power_of_two(block_kv) and _power_of_two(head_dim)):
       raise ValueError(f"attention.block_q={block_q}, attention.block_kv={block_kv} and the head "
@@ -62,7 +63,7 @@ class _Plan:
     self.q_len, self.kv_len = round_up(q_len, self.block_q), round_up(kv_len, self.block_kv)
     self.num_q, self.num_kv = self.q_len // self.block_q, self.kv_len // self.block_kv
     self.tokens = masking.pad_tokens(q_pos, kv_pos, q_seg, kv_seg, self.q_len, self.kv_len)
-    table = masking.block_table(*self.tokens, self.block_q, self.block_kv, causal)
+    table = masking.block_table(*self.tokens, self.block_q, self.block_kv, *rule)
     # Rows are loaded whole, so their length is padded to a power of two (with False).
     pad = lambda t: jnp.pad(t, ((0, 0), (0, pl.next_power_of_2(t.shape[1]) - t.shape[1])))
     self.table_by_q = pad(table.astype(jnp.int32))      # [nq, nk']
@@ -145,7 +146,7 @@ def _skippable_loop(table_ref, count, update, carry):
 # --------------------------------------------------------------------------- forward
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
-                    out_ref, lse_ref, *, causal, scale, block_kv, num_kv):
+                    out_ref, lse_ref, *, rule, scale, block_kv, num_kv):
   q = q_ref[...]
   q_pos, q_seg = q_pos_ref[...][:, None], q_seg_ref[...][:, None]
 
@@ -153,7 +154,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos
     acc, row_max, row_sum = carry
     span = pl.ds(j * block_kv, block_kv)
     mask = masking.visible_broadcast(q_pos, kv_pos_ref[span][None, :], q_seg,
-                                     kv_seg_ref[span][None, :], causal)
+                                     kv_seg_ref[span][None, :], *rule)
     logits = jnp.where(mask, dot(q, k_ref[span, :], 1, 1) * scale, NEG_INF)
     new_max, row_sum, probs, correction = common.softmax_update(row_max, row_sum, logits)
     v = v_ref[span, :]
@@ -169,15 +170,17 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos
 
 @common.kernel_jit("interpret")
 def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=BLOCK_Q,
-                    block_kv=BLOCK_KV, interpret=None):
-  """Forward; see the module docstring. interpret=None: interpret mode on CPU only."""
+                    block_kv=BLOCK_KV, window=0, sinks=0, interpret=None):
+  """Forward; see the module docstring. window / sinks: the sliding window (masking.py;
+  0: none). interpret=None: interpret mode on CPU only."""
   batch, q_len, q_heads, head_dim = q.shape
-  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
+  rule = (causal, window, sinks)
+  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, rule, block_q, block_kv)
   q_pos, kv_pos, q_seg, kv_seg = plan.tokens
   table_spec, q_spec, kv_spec, rows_spec, token_specs = plan.query_grid_specs(head_dim)
   out_shape = [jax.ShapeDtypeStruct((batch, plan.q_len, q_heads, head_dim), q.dtype),
                jax.ShapeDtypeStruct((batch, q_heads, plan.q_len), jnp.float32)]
-  kernel = functools.partial(_forward_kernel, causal=causal, scale=scale,
+  kernel = functools.partial(_forward_kernel, rule=rule, scale=scale,
                              block_kv=plan.block_kv, num_kv=plan.num_kv)
   out, lse = _call(kernel, (batch, q_heads, plan.num_q),
                    [table_spec, q_spec, kv_spec, kv_spec, *token_specs], [q_spec, rows_spec],
@@ -190,7 +193,7 @@ def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, blo
 # --------------------------------------------------------------------------- backward
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_pos_ref,
-                q_seg_ref, kv_pos_ref, kv_seg_ref, dk_ref, dv_ref, *, causal, scale, block_q,
+                q_seg_ref, kv_pos_ref, kv_seg_ref, dk_ref, dv_ref, *, rule, scale, block_q,
                 num_q, group):
   k, v = k_ref[...], v_ref[...]
   kv_pos, kv_seg = kv_pos_ref[...][None, :], kv_seg_ref[...][None, :]
@@ -202,7 +205,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_
       span = pl.ds(i * block_q, block_q)
       q, dout = q_ref[span, g, :], dout_ref[span, g, :]
       mask = masking.visible_broadcast(q_pos_ref[span][:, None], kv_pos,
-                                       q_seg_ref[span][:, None], kv_seg, causal)
+                                       q_seg_ref[span][:, None], kv_seg, *rule)
       probs, dlogits = common.probs_and_dlogits(q, k, v, dout, lse_ref[g, span],
                                                 delta_ref[g, span], mask, scale)
       dv += dot(probs.astype(dout.dtype), dout, 0, 0)  # pᵀ·dout: (bk, D)
@@ -215,7 +218,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_pos_ref,
-               q_seg_ref, kv_pos_ref, kv_seg_ref, dq_ref, *, causal, scale, block_kv, num_kv):
+               q_seg_ref, kv_pos_ref, kv_seg_ref, dq_ref, *, rule, scale, block_kv, num_kv):
   q, dout, lse, delta = q_ref[...], dout_ref[...], lse_ref[...], delta_ref[...]
   q_pos, q_seg = q_pos_ref[...][:, None], q_seg_ref[...][:, None]
 
@@ -223,7 +226,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_p
     span = pl.ds(j * block_kv, block_kv)
     k = k_ref[span, :]
     mask = masking.visible_broadcast(q_pos, kv_pos_ref[span][None, :], q_seg,
-                                     kv_seg_ref[span][None, :], causal)
+                                     kv_seg_ref[span][None, :], *rule)
     _, dlogits = common.probs_and_dlogits(q, k, v_ref[span, :], dout, lse, delta, mask, scale)
     return dq + dot(dlogits.astype(k.dtype), k, 1, 0)  # ds·k: (bq, D)
 
@@ -233,9 +236,10 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, q_p
 
 @common.kernel_jit("interpret")
 def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *, causal, scale,
-                        block_q=BLOCK_Q, block_kv=BLOCK_KV, interpret=None):
+                        block_q=BLOCK_Q, block_kv=BLOCK_KV, window=0, sinks=0, interpret=None):
   """(dq, dk, dv) of this block's share, from the final out and lse [B, L, H]."""
-  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
+  rule = (causal, window, sinks)
+  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, rule, block_q, block_kv)
   batch, head_dim, group = q.shape[0], q.shape[3], plan.group
   q_pos, kv_pos, q_seg, kv_seg = plan.tokens
 
@@ -256,7 +260,7 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
   in_specs = [pl.BlockSpec((None, plan.table_by_kv.shape[1]), _table_row_at),
               whole_q, kv_tile, kv_tile, whole_q, group_rows, group_rows,
               q_tokens, q_tokens, kv_tokens, kv_tokens]
-  kernel = functools.partial(_dkv_kernel, causal=causal, scale=scale, block_q=plan.block_q,
+  kernel = functools.partial(_dkv_kernel, rule=rule, scale=scale, block_q=plan.block_q,
                              num_q=plan.num_q, group=group)
   dk, dv = _call(kernel, (batch, k.shape[2], plan.num_kv), in_specs, [kv_tile, kv_tile],
                  [jax.ShapeDtypeStruct(operands[1].shape, k.dtype),
@@ -266,7 +270,7 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
   # dQ: grid (B, H, nq), like the forward.
   table_spec, q_tile, whole_kv, q_rows, token_specs = plan.query_grid_specs(head_dim)
   in_specs = [table_spec, q_tile, whole_kv, whole_kv, q_tile, q_rows, q_rows, *token_specs]
-  kernel = functools.partial(_dq_kernel, causal=causal, scale=scale, block_kv=plan.block_kv,
+  kernel = functools.partial(_dq_kernel, rule=rule, scale=scale, block_kv=plan.block_kv,
                              num_kv=plan.num_kv)
   dq = _call(kernel, (batch, q.shape[2], plan.num_q), in_specs, q_tile,
              jax.ShapeDtypeStruct(operands[0].shape, q.dtype),

@@ -58,7 +58,8 @@ BLOCK_Q, BLOCK_KV = 512, 512
 class _Plan:
   """Block sizes, padded lengths, tables and the lane-broadcast token arrays of one call."""
 
-  def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv):
+  def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, rule, block_q, block_kv):
+    masking.check_window(*rule)
     batch, q_len, q_heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     block_q, block_kv = round_up(block_q, SUBLANES), round_up(block_kv, LANES)  # Mosaic tiles
@@ -70,7 +71,7 @@ class _Plan:
     q_pos, kv_pos, q_seg, kv_seg = masking.pad_tokens(q_pos, kv_pos, q_seg, kv_seg,
                                                       self.q_len, self.kv_len)
     table = masking.block_table(q_pos, kv_pos, q_seg, kv_seg, self.block_q, self.block_kv,
-                                causal)
+                                *rule)
     self.table = table.astype(jnp.int32)
     self.fetch_kv = masking.fetch_table(table)      # [nq, nk]
     self.fetch_q = masking.fetch_table(table.T)     # [nk, nq]
@@ -156,10 +157,11 @@ def _key_grid_maps(group, num_q):
           _kv_held_tokens_at)
 
 
-def _mask(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, causal):
-  """(bq, bk) visibility from a column of queries and a row of keys."""
+def _mask(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, rule):
+  """(bq, bk) visibility from a column of queries and a row of keys; `rule` is
+  (causal, window, sinks) (masking.py)."""
   return masking.visible_broadcast(q_pos_ref[...][:, :1], kv_pos_ref[...][:1, :],
-                                   q_seg_ref[...][:, :1], kv_seg_ref[...][:1, :], causal)
+                                   q_seg_ref[...][:, :1], kv_seg_ref[...][:1, :], *rule)
 
 
 def _call(kernel, grid_spec, out_shape, interpret, name):
@@ -175,7 +177,7 @@ def _call(kernel, grid_spec, out_shape, interpret, name):
 
 def _forward_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref,
                     kv_pos_ref, kv_seg_ref, out_ref, lse_ref, max_ref, sum_ref, acc_ref, *,
-                    causal, scale):
+                    rule, scale):
   del fetch_ref  # used by the index maps
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -188,7 +190,7 @@ def _forward_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_
   @pl.when(table_ref[i, j] != 0)
   def _update():
     logits = dot(q_ref[...], k_ref[...], 1, 1) * scale  # (bq, bk)
-    logits = jnp.where(_mask(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, causal), logits,
+    logits = jnp.where(_mask(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, rule), logits,
                        NEG_INF)
     new_max, row_sum, probs, correction = common.softmax_update(
         max_ref[...][:, :1], sum_ref[...][:, :1], logits)
@@ -205,10 +207,12 @@ def _forward_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_
 
 @common.kernel_jit("interpret")
 def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=BLOCK_Q,
-                    block_kv=BLOCK_KV, interpret=None):
-  """Forward; see the module docstring. interpret=None: interpret mode on CPU only."""
+                    block_kv=BLOCK_KV, window=0, sinks=0, interpret=None):
+  """Forward; see the module docstring. window / sinks: the sliding window (masking.py;
+  0: none). interpret=None: interpret mode on CPU only."""
   batch, q_len, q_heads, head_dim = q.shape
-  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
+  rule = (causal, window, sinks)
+  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, rule, block_q, block_kv)
   bq = plan.block_q
   q_spec, kv_spec, rows_spec, token_specs = plan.specs(head_dim, *_query_grid_maps(plan.group))
   grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -219,7 +223,7 @@ def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, blo
       scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                       pltpu.VMEM((bq, head_dim), jnp.float32)])
   out, lse = _call(
-      functools.partial(_forward_kernel, causal=causal, scale=scale), grid_spec,
+      functools.partial(_forward_kernel, rule=rule, scale=scale), grid_spec,
       [jax.ShapeDtypeStruct((batch, q_heads, plan.q_len, head_dim), q.dtype),
        jax.ShapeDtypeStruct((batch, q_heads, plan.q_len, LANES), jnp.float32)],
       interpret, "ringlm_attention_fwd",
@@ -234,7 +238,7 @@ def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, blo
 
 def _dkv_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
                 q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, dk_ref, dv_ref, dk_acc, dv_acc, *,
-                causal, scale, num_q):
+                rule, scale, num_q):
   del fetch_ref
   j, t = pl.program_id(2), pl.program_id(3)
 
@@ -246,7 +250,7 @@ def _dkv_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, de
   @pl.when(table_ref[j, lax.rem(t, num_q)] != 0)
   def _update():
     q, dout = q_ref[...], dout_ref[...]
-    mask = _mask(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, causal)
+    mask = _mask(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, rule)
     probs, dlogits = common.probs_and_dlogits(q, k_ref[...], v_ref[...], dout,
                                               lse_ref[...][:, :1], delta_ref[...][:, :1], mask,
                                               scale)
@@ -260,7 +264,7 @@ def _dkv_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, de
 
 
 def _dq_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
-               q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, dq_ref, dq_acc, *, causal, scale):
+               q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, dq_ref, dq_acc, *, rule, scale):
   del fetch_ref
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -271,7 +275,7 @@ def _dq_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, del
   @pl.when(table_ref[i, j] != 0)
   def _update():
     k = k_ref[...]
-    mask = _mask(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, causal)
+    mask = _mask(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, rule)
     _, dlogits = common.probs_and_dlogits(q_ref[...], k, v_ref[...], dout_ref[...],
                                           lse_ref[...][:, :1], delta_ref[...][:, :1], mask,
                                           scale)
@@ -284,9 +288,10 @@ def _dq_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, del
 
 @common.kernel_jit("interpret")
 def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *, causal, scale,
-                        block_q=BLOCK_Q, block_kv=BLOCK_KV, interpret=None):
+                        block_q=BLOCK_Q, block_kv=BLOCK_KV, window=0, sinks=0, interpret=None):
   """(dq, dk, dv) of this block's share, from the final out and lse [B, L, H]."""
-  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
+  rule = (causal, window, sinks)
+  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, rule, block_q, block_kv)
   batch, head_dim, group, num_q = q.shape[0], q.shape[3], plan.group, plan.num_q
 
   lse, delta = masking.backward_rows(out, lse, dout)
@@ -311,7 +316,7 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
 
   # dK/dV: t walks (query head of the group, query block).
   dk, dv = _call(
-      functools.partial(_dkv_kernel, causal=causal, scale=scale, num_q=num_q),
+      functools.partial(_dkv_kernel, rule=rule, scale=scale, num_q=num_q),
       grid_spec((batch, k.shape[2], plan.num_kv, group * num_q), _key_grid_maps(group, num_q),
                 writes_kv=True),
       [jax.ShapeDtypeStruct(k_t.shape, k.dtype), jax.ShapeDtypeStruct(v_t.shape, v.dtype)],
@@ -320,7 +325,7 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
 
   # dQ: like the forward.
   dq = _call(
-      functools.partial(_dq_kernel, causal=causal, scale=scale),
+      functools.partial(_dq_kernel, rule=rule, scale=scale),
       grid_spec((batch, q.shape[2], num_q, plan.num_kv), _query_grid_maps(group),
                 writes_kv=False),
       jax.ShapeDtypeStruct(q_t.shape, q.dtype), interpret, "ringlm_attention_dq",

@@ -42,7 +42,9 @@ BLOCK_Q, BLOCK_KV = 256, 128
 class _Plan:
   """Block sizes, padding, the block-state table and the layout changes of one call."""
 
-  def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv):
+  def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv, window,
+               sinks):
+    masking.check_window(causal, window, sinks)
     self.batch, self.q_len_in, q_heads, self.head_dim = q.shape
     self.kv_len_in, self.kv_heads = k.shape[1], k.shape[2]
     self.group = q_heads // self.kv_heads
@@ -51,11 +53,11 @@ class _Plan:
     self.q_len = round_up(self.q_len_in, self.block_q)
     self.kv_len = round_up(self.kv_len_in, self.block_kv)
     self.num_q, self.num_kv = self.q_len // self.block_q, self.kv_len // self.block_kv
-    self.causal = causal
+    self.causal, self.window, self.sinks = causal, window, sinks
     self.q_pos, self.kv_pos, self.q_seg, self.kv_seg = masking.pad_tokens(
         q_pos, kv_pos, q_seg, kv_seg, self.q_len, self.kv_len)
     self.states = masking.block_states(self.q_pos, self.kv_pos, self.q_seg, self.kv_seg,
-                                       self.block_q, self.block_kv, causal)
+                                       self.block_q, self.block_kv, causal, window, sinks)
 
   def _pad(self, x, length, value=0):
     widths = [(0, 0)] * x.ndim
@@ -97,7 +99,8 @@ class _Plan:
     return masking.visible(token_block(self.q_pos, i, self.block_q),
                            token_block(self.kv_pos, j, self.block_kv),
                            token_block(self.q_seg, i, self.block_q),
-                           token_block(self.kv_seg, j, self.block_kv), self.causal)
+                           token_block(self.kv_seg, j, self.block_kv), self.causal,
+                           self.window, self.sinks)
 
   def logits(self, q_blk, k_blk, i, j, scale, masked, keys_first=False):
     """Block-pair logits in float32, -inf where masked: [B, K, R, bk], or with
@@ -128,9 +131,10 @@ class _Plan:
 
 @common.kernel_jit()
 def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=BLOCK_Q,
-                    block_kv=BLOCK_KV):
-  """Attention of q over one block of keys. Returns (out, lse); see the module docstring."""
-  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
+                    block_kv=BLOCK_KV, window=0, sinks=0):
+  """Attention of q over one block of keys. Returns (out, lse); see the module docstring.
+  window / sinks: the sliding window and its sink tokens (masking.py; 0: none)."""
+  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv, window, sinks)
   q_rows, k_rows, v_rows = plan.q_rows(q), plan.kv_rows(k), plan.kv_rows(v)
 
   schedule = masking.schedule(plan.states)
@@ -163,14 +167,14 @@ def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, blo
 
 @common.kernel_jit()
 def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *, causal,
-                        scale, block_q=BLOCK_Q, block_kv=BLOCK_KV):
+                        scale, block_q=BLOCK_Q, block_kv=BLOCK_KV, window=0, sinks=0):
   """Gradients (dq, dk, dv) of this block's share of the loss.
 
   `out` and `lse` [B, L, H] are the *final* attention output and log-sum-exp of
   the query rows (over all key blocks, e.g. the whole ring), so p = exp(s - lse) is
   each key's exact share and the per-block gradients add up. dout is [B, L, H, D].
   """
-  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv)
+  plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, causal, block_q, block_kv, window, sinks)
   lse, delta = masking.backward_rows(out, lse, dout)  # padding rows get lse = +inf too
   q_rows, dout_rows = plan.q_rows(q), plan.q_rows(dout)
   lse_rows, delta_rows = plan.q_rows(lse, jnp.inf), plan.q_rows(delta)  # [B, K, L·G]
