@@ -149,6 +149,33 @@ def run_case(mesh, length, heads, head_dim, repeats, peak, memory_limit, window=
   return rows
 
 
+def decode_cache(length, window, heads, head_dim, chunk=512):
+  """The serving cache one request of `length` tokens holds (serving/slots.py: its row
+  and the staging row, one layer of `heads` kv heads x `head_dim`, float32), with and
+  without a sliding window: each allocated on one device and its bytes counted."""
+  import jax
+
+  from model import kv_cache
+  from model.config import ModelConfig
+  from parallel.mesh import make_mesh
+  from serving.slots import SlotEngine
+
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  sizes = {}
+  for name, w in (("full", 0), (f"window {window}", window)):
+    config = ModelConfig(vocab_size=256, dim=heads * head_dim, n_layers=1, n_heads=heads,
+                         n_kv_heads=heads, head_dim=head_dim, window=w)
+    layout = SlotEngine.row_layout(config, length, chunk, 1)
+    cache = kv_cache.empty_slots(config, mesh, 2, layout.capacity, rolling=layout.rolling,
+                                 kept=layout.kept)
+    sizes[name] = {"slots_per_row": layout.capacity, "rolling": layout.rolling,
+                   "bytes": int(sum(x.nbytes for x in jax.tree.leaves(cache)))}
+    del cache
+  full, windowed = sizes["full"]["bytes"], sizes[f"window {window}"]["bytes"]
+  return {"context": length, "window": window, "prefill_chunk": chunk, "caches": sizes,
+          "windowed_over_full": windowed / full}
+
+
 def format_table(rows, peak):
   lines = [f"matmul peak (measured): {peak / 1e9:.1f} GFLOP/s", "",
            "| L | heads x dim | impl | median s | speed-up (vs ringattention, or as stated) "
@@ -212,6 +239,16 @@ def main(argv=None):
                        args.memory_limit_gib * 2**30, window=args.window,
                        impls=[i for i in args.impls.split(",") if i])
   table = format_table(rows, peak)
+  cache = None
+  if args.window:
+    heads, head_dim = map(int, args.shapes.split(",")[0].split("x"))
+    cache = decode_cache(max(map(int, args.lengths.split(","))), args.window, heads, head_dim)
+    table += (f"\n\nDecode cache of one {cache['context']}-token request (serve.py's slot "
+              f"engine, 512-token prefill chunks): full "
+              f"{cache['caches']['full']['bytes'] / 2**20:.1f} MiB per layer, window "
+              f"{args.window} {cache['caches'][f'window {args.window}']['bytes'] / 2**20:.1f} "
+              f"MiB (a rolling row of {cache['caches'][f'window {args.window}']['slots_per_row']}"
+              f" slots): {cache['windowed_over_full']:.3f} of the full cache.")
   print("\n" + table)
   stamp = datetime.date.today().isoformat()
   out = args.out or os.path.join("bench", "results",
@@ -219,7 +256,7 @@ def main(argv=None):
                                  f"{f'-window{args.window}' if args.window else ''}"
                                  f"{'-quick' if args.quick else ''}.json")
   write_json(out, {"benchmark": "attention", "machine": machine(), "matmul": peaks,
-                   "args": vars(args), "rows": rows, "table": table})
+                   "args": vars(args), "rows": rows, "decode_cache": cache, "table": table})
 
 
 if __name__ == "__main__":

@@ -79,6 +79,9 @@ def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int,
                if key not in inherit.SHAPE_FIELDS}
   rope = overrides.pop("rope")
   overrides["rope"] = RopeConfig(theta=rope["theta"], scaling=RopeScaling(**rope["scaling"]))
+  # Serving and scoring never differentiate, so a training run's remat has nothing to
+  # save (and nnx.remat inside the engines' jit raised TraceContextError on every request).
+  overrides["remat"] = "none"
   build = transformer.abstract if abstract else transformer.load
   model = build(step_dir, mesh, AttentionConfig(**config.attention.to_dict()), **overrides)[0]
   return model, saved, files

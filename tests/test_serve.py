@@ -276,3 +276,19 @@ def test_a_long_request_puts_every_device_on_the_ring(checkpoint_dir, tmp_path):
   report = json.loads(result.stderr.strip().splitlines()[-1])
   assert report["mesh"]["sequence"] == 2 and len(json.loads(output.read_text())["tokens"]) == 2
   assert "a request of 7 tokens >= serve.long_context=4" in report["mesh_reason"]
+
+
+def test_a_checkpoint_trained_with_remat_is_served(checkpoint_dir):
+  """A run trained with model.remat=full (as the real-size configs are): serving loads it
+  without remat (nnx.remat inside the engine's jit failed every request) and generates
+  what the same parameters generate without it."""
+  from configs import base
+  from serving import loading
+  config = base.get_config()
+  config.model.remat = "full"
+  mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  model, saved, _ = loading.load_model(checkpoint_dir, config, {"model.remat"}, mesh, 64)
+  assert model.config.remat == "none"
+  request = Request(line=1, id=1, prompt_tokens=[5, 6, 7], max_tokens=4)
+  result = Engine(model, mesh, decode_chunk=4).generate([request])[1]
+  assert result["finish_reason"] == "length" and len(result["tokens"]) == 4, result

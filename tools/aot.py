@@ -19,6 +19,7 @@ when that is a slice (`llama3_8b.py:v5p-128`). The last stdout line is JSON:
 {"programs": [{"name", "fits", "hbm_bytes", "per_device": {...}, ...}], "topology", "chips"}.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -187,7 +188,8 @@ def compile_serve_programs(config, named, devices, prompt_tokens: int, rows: int
   from serving.engine import Engine
 
   mesh, why = loading.choose_mesh(config, named, prompt_tokens + max_tokens, devices)
-  model_config = ModelConfig.from_dict(config.model.to_dict())
+  # as serving/loading.load_model: no remat without a backward pass
+  model_config = dataclasses.replace(ModelConfig.from_dict(config.model.to_dict()), remat="none")
   mesh_lib.validate(model_config, mesh)
   graphdef, params = transformer.abstract_params(model_config, mesh,
                                                  AttentionConfig(**config.attention.to_dict()))
