@@ -227,10 +227,13 @@ def test_the_preflight_refuses_what_cannot_be_laid_out():
 def test_the_preflight_compiles_the_serving_programs(tmp_path):
   """tools/aot.py --serve: serve.py's prefill and decode for 4 requests of 2000 prompt
   tokens (a long prompt: the ring over the slice, as serve.py would choose), each a
-  table and an entry of the JSON line; the decode's KV cache counted."""
+  table and an entry of the JSON line; the decode's KV cache counted; a training config
+  with remat compiles too."""
   import json
+  # remat as the real-size configs train (it broke the serving programs' trace)
   result = _aot("--config=configs/tiny.py", "--topology=v5e-8", "--serve",
                 "--config.model.n_layers=2", "--config.serve.long_context=1024",
+                "--config.model.remat=full",
                 "--prompt_tokens=2000", "--rows=4", "--max_tokens=32",
                 f"--dump_hlo={tmp_path}")
   assert result.returncode == 0, result.stderr[-3000:]
