@@ -258,4 +258,5 @@ class Scheduler:
       busy = [j for j in self.slots if j is not None]
       self.metrics.queue_depth.set(len(self.queue))
       self.metrics.slots_in_use.set(len(busy))
-      self.metrics.cache_slots_in_use.set(sum(j.fill for j in busy))
+      # (a rolling row's fill counts tokens past its end: it holds at most its capacity)
+      self.metrics.cache_slots_in_use.set(sum(min(j.fill, self.engine.capacity) for j in busy))

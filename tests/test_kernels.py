@@ -48,9 +48,18 @@ def _relative_error(actual, expected):
   return np.abs(actual - expected).max() / (largest if largest > 0 else 1.0)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", list(IMPLS))
+def _params():
+  """Every (impl, case, dtype); the windowed bf16 cases of the interpreted Pallas kernels
+  run with `-m slow` (their f32 twins and the XLA kernel's run by default)."""
+  for impl in IMPLS:
+    for case in CASES:
+      for dtype, name in ((np.float32, "f32"), (jnp.bfloat16, "bf16")):
+        slow = case.startswith("window") and impl != "xla" and name == "bf16"
+        yield pytest.param(impl, case, dtype, id=f"{impl}-{case}-{name}",
+                           marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.parametrize("impl,case,dtype", _params())
 def test_block_attention_matches_reference(impl, case, dtype, rng):
   kwargs, causal, block, window, sinks = (CASES[case] + (0, 0))[:5]
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout = attention_inputs(rng, **kwargs)

@@ -139,9 +139,10 @@ def test_head_in_chunks_gives_the_same_loss_and_gradients(tied):
   _assert_same(log_probs_and_grads(dataclasses.replace(config, head_chunk=8)), expected)
 
 
-@pytest.mark.parametrize("window", [dict(window=5), dict(window=10, full_layers=(1,)),
-                                    dict(window=6, sink_tokens=2)],
-                         ids=["all-layers", "one-full-layer", "sinks"])
+@pytest.mark.parametrize("window", [
+    pytest.param(dict(window=5), id="all-layers"),
+    pytest.param(dict(window=10, full_layers=(1,)), id="one-full-layer", marks=pytest.mark.slow),
+    pytest.param(dict(window=6, sink_tokens=2), id="sinks", marks=pytest.mark.slow)])
 def test_windowed_model_on_the_ring_equals_single_device(window, single_device_mesh,
                                                          single_device_result):
   """A window model, in the order training uses for it (layout.order_for), on a ring of

@@ -83,7 +83,9 @@ def test_mistral_logits_past_the_window(mistral, mesh_sizes):
     assert diff <= 1e-4, (length, diff)
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 8}], ids=["one", "seq8"])
+@pytest.mark.parametrize("mesh_sizes", [
+    pytest.param({"data": 1}, id="one", marks=pytest.mark.slow),
+    pytest.param({"sequence": 8}, id="seq8")])
 def test_batch_engine_generates_transformers_tokens(mistral, hf_greedy, mesh_sizes):
   _, run_dir = mistral
   devices = jax.devices()[:1] if mesh_sizes == {"data": 1} else None
@@ -99,7 +101,8 @@ def test_batch_engine_generates_transformers_tokens(mistral, hf_greedy, mesh_siz
     np.testing.assert_allclose(result["logprobs"], logprobs_hf, atol=1e-4)
 
 
-@pytest.mark.parametrize("rolling", [True, False], ids=["rolling", "whole"])
+@pytest.mark.parametrize("rolling", [
+    True, pytest.param(False, marks=pytest.mark.slow)], ids=["rolling", "whole"])
 @pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 8}], ids=["one", "seq8"])
 def test_continuous_batching_generates_transformers_tokens(mistral, hf_greedy, mesh_sizes,
                                                            rolling):
@@ -130,7 +133,9 @@ def test_continuous_batching_generates_transformers_tokens(mistral, hf_greedy, m
     np.testing.assert_allclose(job.completion.logprobs, logprobs_hf, atol=1e-4)
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 4}], ids=["one", "seq4"])
+@pytest.mark.parametrize("mesh_sizes", [
+    pytest.param({"data": 1}, id="one", marks=pytest.mark.slow),
+    pytest.param({"sequence": 4}, id="seq4")])
 def test_rolling_cache_with_sinks_equals_the_full_forward(mesh_sizes, rng):
   """Sinks (no transformers form): a rolling row that keeps the first 4 tokens decodes
   what a no-cache forward of the whole context predicts, past the wrap."""
@@ -278,3 +283,24 @@ def test_extension_keeps_the_window(mistral):
   config.model.window = 64
   model, _ = extension_settings(config, saved, {"model.window"})
   assert ModelConfig.from_dict(model).window == 64
+
+
+def test_the_http_start_up_plans_a_rolling_cache():
+  """serve.py --port's KV-capacity check (serving/service.plan_capacity) for a window
+  model: a budget too small for whole rows of 32K tokens fits rolling ones, and the
+  start-up line says so; the full-attention model gets the message naming the fix."""
+  from configs import base
+  from serving import service
+  serve = base.get_config().serve
+  serve.batch_size, serve.memory_budget_mb, serve.prefix_cache_mb = 4, 64, 16
+  mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  shape = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128,
+               max_seq_len=32768)
+  chunks = chunk_sizes(16, 512, 1)
+  windowed = transformer.create(ModelConfig(window=1024, **shape), mesh)
+  capacity = service.plan_capacity(windowed, mesh, serve, 32768, chunks)
+  assert capacity.max_context == 32768 and capacity.batch == 4
+  assert "a rolling cache of 1535 slots per request" in capacity.line()
+  full = transformer.create(ModelConfig(**shape), mesh)
+  with pytest.raises(ConfigError, match="serve.batch_size=4: 4 slots of model.max_seq_len"):
+    service.plan_capacity(full, mesh, serve, 32768, chunks)
