@@ -98,8 +98,9 @@ def _around_the_ring(kv_block, state, visit, *, axis, ring_size, steps=None):
 def _steps_needed(positions, segment_ids, *, axis, ring_size, causal, window, sinks):
   """How far the KV blocks must travel (docs/design.md, "Sliding windows on the ring"):
   the number of ring steps s = 1..N after which no device's queries can see the block
-  that arrives next, an int32 scalar that is the same on every device, or None for all
-  N (no window, or sinks: the first tokens are seen by every later query).
+  that arrives next, an int32 scalar that is the same on every device of the mesh (the
+  largest over the data shards), or None for all N (no window, or sinks: the first
+  tokens are seen by every later query).
 
   Every device shares the ranges of its positions and segment ids (4 int32 each, an
   all-gather), and step s is needed when some device i may see the block of device
@@ -116,7 +117,10 @@ def _steps_needed(positions, segment_ids, *, axis, ring_size, causal, window, si
   keys = [everyone[(device - step) % ring_size, c] for c in range(4)]  # [N devices, N steps]
   visible, _ = masking.range_states(queries, keys, causal, window, sinks)
   needed = visible.any(axis=0)                                  # [N steps]
-  return jnp.max(jnp.where(needed, jnp.arange(1, ring_size + 1), 1)).astype(jnp.int32)
+  steps = jnp.max(jnp.where(needed, jnp.arange(1, ring_size + 1), 1)).astype(jnp.int32)
+  # One count on every device of the mesh, not just of this ring: the loops (and their
+  # transfers) then run alike in every data shard.
+  return lax.pmax(steps, sharding.RULES["batch"])
 
 
 def _local_ring(q, k, v, positions, segment_ids, *, kernel, kernel_opts, axis, ring_size,

@@ -59,7 +59,7 @@ def _params():
                            marks=pytest.mark.slow if slow else ())
 
 
-@pytest.mark.parametrize("impl,case,dtype", _params())
+@pytest.mark.parametrize("impl,case,dtype", list(_params()))
 def test_block_attention_matches_reference(impl, case, dtype, rng):
   kwargs, causal, block, window, sinks = (CASES[case] + (0, 0))[:5]
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout = attention_inputs(rng, **kwargs)
