@@ -17,7 +17,8 @@ keys in (p - sliding_window, p]):
   Mistral   sliding_window on every layer (None: none)
   Qwen2     use_sliding_window + sliding_window on the layers whose `layer_types` entry
             is "sliding_attention" (without layer_types: layers >= max_window_layers)
-  Llama     none (transformers ignores a sliding_window there, and so does ringlm)
+  Llama     none (transformers ignores a sliding_window there, and so does ringlm); a
+            Llama-shaped ringlm model with a window on every layer exports as Mistral
 Layer types other than full and sliding attention, and attention sinks, have no form
 here and are refused.
 """
@@ -123,10 +124,11 @@ def _window_to_hf(config: ModelConfig, architecture: str) -> dict:
     raise ConversionError(f"model.sink_tokens={config.sink_tokens}: transformers has no "
                           "attention sinks for these architectures; export without them")
   if architecture == "LlamaForCausalLM":
-    if config.window:
-      raise ConversionError(f"model.window={config.window}: LlamaForCausalLM has no sliding "
-                            "window; export as MistralForCausalLM (every layer windowed) or "
-                            "Qwen2ForCausalLM")
+    if config.window:  # with full_layers (a window on every layer exports as Mistral)
+      raise ConversionError(f"model.window={config.window} with model.full_layers="
+                            f"{config.full_layers}: per-layer windows exist in transformers' "
+                            "Qwen2ForCausalLM, which has q/k/v biases this model lacks; export "
+                            "with the window on every layer (model.full_layers=()) or none")
     return {}
   if architecture == "MistralForCausalLM":
     if config.full_layers:
@@ -187,6 +189,8 @@ def hf_config_from_model(config: ModelConfig, origin: dict | None = None) -> dic
       "Qwen2ForCausalLM" if config.qkv_bias
       else "MistralForCausalLM" if config.window and not config.full_layers
       else "LlamaForCausalLM")
+  if architecture == "LlamaForCausalLM" and config.window and not config.full_layers:
+    architecture = "MistralForCausalLM"  # Llama's tensors, a window on every layer
   if config.qkv_bias and architecture != "Qwen2ForCausalLM":
     raise ConversionError(f"model.qkv_bias=True has no {architecture} form; Qwen2 has it")
   rope, scaling = config.rope, config.rope.scaling

@@ -226,12 +226,18 @@ def test_bad_window_fields_are_named(fields, message):
 
 @pytest.mark.parametrize("config,architecture,message", [
     (ModelConfig(window=8, sink_tokens=2), "MistralForCausalLM", "no attention sinks"),
-    (ModelConfig(window=8), "LlamaForCausalLM", "LlamaForCausalLM has no sliding window"),
+    (ModelConfig(window=8, full_layers=(1,)), "LlamaForCausalLM", "per-layer windows exist"),
     (ModelConfig(window=8, full_layers=(1,)), "MistralForCausalLM", "windows every layer"),
 ])
 def test_window_forms_without_a_transformers_form_are_refused(config, architecture, message):
   with pytest.raises(hf.ConversionError, match=message):
     hf.hf_config_from_model(config, {"architecture": architecture})
+
+
+def test_a_llama_given_a_window_exports_as_mistral():
+  config = hf.hf_config_from_model(ModelConfig(window=8), {"architecture": "LlamaForCausalLM"})
+  assert config["architectures"] == ["MistralForCausalLM"] and config["sliding_window"] == 8
+  assert hf.model_config_from_hf(config)[0].window == 8
 
 
 def test_unknown_layer_types_are_refused():
