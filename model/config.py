@@ -137,6 +137,11 @@ class ModelConfig:
       raise ConfigError(f"model.full_layers={full}: each a distinct layer index in [0, "
                         f"{self.n_layers}) (model.n_layers={self.n_layers})")
 
+  @property
+  def windowed_everywhere(self) -> bool:
+    """Every layer has the sliding window (none is in full_layers)."""
+    return bool(self.window) and not self.full_layers
+
   def layer_window(self, layer: int) -> int:
     """The sliding window of `layer` (0: it sees the whole context)."""
     return 0 if layer in self.full_layers else self.window

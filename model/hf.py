@@ -185,11 +185,9 @@ def model_config_from_hf(hf: dict, dtype: str | None = None) -> tuple[ModelConfi
 def hf_config_from_model(config: ModelConfig, origin: dict | None = None) -> dict:
   """config.json (the form current transformers writes) for a ringlm model."""
   origin = origin or {}
-  architecture = origin.get("architecture") or (
-      "Qwen2ForCausalLM" if config.qkv_bias
-      else "MistralForCausalLM" if config.window and not config.full_layers
-      else "LlamaForCausalLM")
-  if architecture == "LlamaForCausalLM" and config.window and not config.full_layers:
+  architecture = origin.get("architecture") or ("Qwen2ForCausalLM" if config.qkv_bias
+                                                else "LlamaForCausalLM")
+  if architecture == "LlamaForCausalLM" and config.windowed_everywhere:
     architecture = "MistralForCausalLM"  # Llama's tensors, a window on every layer
   if config.qkv_bias and architecture != "Qwen2ForCausalLM":
     raise ConversionError(f"model.qkv_bias=True has no {architecture} form; Qwen2 has it")

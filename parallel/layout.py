@@ -29,8 +29,8 @@ def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
 
 def order_for(model_config) -> str:
   """"natural" for a model windowed on every layer without sinks, else "zigzag"."""
-  windowed = model_config.window and not model_config.full_layers
-  return "natural" if windowed and not model_config.sink_tokens else "zigzag"
+  return ("natural" if model_config.windowed_everywhere and not model_config.sink_tokens
+          else "zigzag")
 
 
 def to_zigzag(x, num_shards: int, axis: int = 1):

@@ -93,7 +93,7 @@ class SlotEngine:
     self.model, self.mesh = model, mesh
     self.rolling, self.kept = rolling, kept
     config = model.config
-    if rolling and (not config.window or config.full_layers
+    if rolling and (not config.windowed_everywhere
                     or capacity - kept < config.window - 1 + max(chunks)):
       raise ValueError(f"a rolling cache of {capacity} slots (keeping {kept}) needs a model "
                        f"windowed on every layer and at least model.window - 1 + the largest "
@@ -124,7 +124,7 @@ class SlotEngine:
     before it while the chunk overwrites the oldest), each rounded up to the ring. A
     rolling row serves any context length."""
     whole = SlotEngine.capacity_for(max_context, largest_chunk, ring_size)
-    if not config.window or config.full_layers:
+    if not config.windowed_everywhere:
       return RowLayout(whole, False, 0)
     up = lambda n: -(-n // ring_size) * ring_size
     kept = up(config.sink_tokens)
