@@ -84,6 +84,15 @@ def get_config():
   # --- serving (serve.py) ---
   config.serve = ml_collections.ConfigDict()
   config.serve.batch_size = 32       # most requests decoded together (rows of one batch)
+  # Precision served in (serve.py and the eval tools): bfloat16 (parameters stored and
+  # matmuls run in bf16, float32 sums, as vLLM serves a float32 checkpoint in half
+  # precision), float32, or "" (the checkpoint's model.dtype / model.param_dtype).
+  # --config.model.dtype / param_dtype on the command line win. The KV cache:
+  # model.kv_cache_dtype (int8 halves it).
+  config.serve.dtype = "bfloat16"
+  # Weights: "" (as the checkpoint stores them) or int8 (per-channel round-to-nearest at
+  # load, model/quantize.py; a checkpoint from tools/quantize.py is int8 already).
+  config.serve.quantize = ""
   # Mesh when no --config.mesh.* is given: sequence (all devices on the ring: long
   # prompts, the KV cache spread over devices) | batch (all devices on data: many short
   # requests; one device on a CPU host) | auto (sequence when a request needs

@@ -227,7 +227,7 @@ def load_meta(path: str) -> tuple[str, dict]:
 def check_param_shapes(step_dir: str, params_target) -> None:
   """Raises ValueError naming the first parameter whose stored shape differs from the
   target's (a checkpoint of another model shape, or of an older parameter layout)."""
-  name = lambda path: "/".join(str(getattr(key, "key", key)) for key in path)
+  name = _param_name
   stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "params")
   stored = {name(path): tuple(array.shape) for path, array in
             jax.tree_util.tree_flatten_with_path(getattr(stored, "tree", stored))[0]}
@@ -253,10 +253,30 @@ def load_params(path: str, params_target, check_shapes: bool = True):
   step_dir = find_step_dir(path)
   if check_shapes:
     check_param_shapes(step_dir, params_target)
+  # Read as stored, since the checksums are of the stored bits; then cast to the
+  # target's dtypes (serving a float32 checkpoint in bfloat16: model.param_dtype).
+  stored = _stored_dtypes(step_dir)
+  as_stored = jax.tree_util.tree_map_with_path(
+      lambda path, target: jax.ShapeDtypeStruct(
+          target.shape, stored.get(_param_name(path), target.dtype),
+          sharding=getattr(target, "sharding", None)), params_target)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(params_target), meta=ocp.args.JsonRestore()))
+      params=ocp.args.StandardRestore(as_stored), meta=ocp.args.JsonRestore()))
   _verify({"params": restored["params"]},
           {"params": restored["meta"]["checksums"]["params"]}, step_dir)
-  return restored["params"], restored["meta"]
+  params = jax.tree.map(lambda x, target: x if x.dtype == target.dtype else
+                        x.astype(target.dtype), restored["params"], params_target)
+  return params, restored["meta"]
+
+
+def _param_name(path) -> str:
+  return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def _stored_dtypes(step_dir: str) -> dict:
+  """{"blocks/0/attn/wq": dtype, ...} of a checkpoint's stored parameters."""
+  stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "params")
+  return {_param_name(path): array.dtype for path, array in
+          jax.tree_util.tree_flatten_with_path(getattr(stored, "tree", stored))[0]}
 

@@ -97,7 +97,14 @@ class ModelConfig:
   sink_tokens: int = 0          # with a window: the first positions stay visible (StreamingLLM)
   dtype: str = "float32"        # compute dtype of activations and matmuls (bfloat16 on TPU/GPU)
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
+  # The KV cache's dtype when decoding: "" (dtype; serving on CPU keeps a bfloat16
+  # model's cache in float32: serving/loading.py), float32, bfloat16, or int8 (one
+  # float32 scale per token and kv head: about half of bfloat16's bytes; model/kv_cache.py).
+  kv_cache_dtype: str = ""
   remat: str = "none"           # none | full | dots: recompute blocks in the backward pass
+  # Weights stored as int8 with per-output-channel scales (model/quantize.py): "" or
+  # "int8". Serving only; serve.quantize sets it, a quantized checkpoint keeps it.
+  quantize: str = ""
   # Training's output head and loss, this many tokens per device at a time (0: all at
   # once): the [tokens, V] float32 logits then exist one chunk at a time, recomputed in
   # the backward pass (model/loss.chunked_target_log_probs).
@@ -115,6 +122,12 @@ class ModelConfig:
                         f"{self.n_kv_heads} (grouped-query attention)")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"model.remat={self.remat!r}; use one of none, full, dots")
+    if self.kv_cache_dtype not in ("", "float32", "bfloat16", "int8"):
+      raise ConfigError(f"model.kv_cache_dtype={self.kv_cache_dtype!r}; use one of float32, "
+                        "bfloat16, int8 (or \"\": model.dtype)")
+    if self.quantize not in ("", "int8"):
+      raise ConfigError(f"model.quantize={self.quantize!r}; use \"int8\" (int8 weights) or "
+                        "\"\" (the parameter dtype)")
     if self.head_chunk < 0:
       raise ConfigError(f"model.head_chunk={self.head_chunk} must be >= 0 (0: no chunks)")
     self._check_window()

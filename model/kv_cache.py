@@ -9,6 +9,11 @@ the forward's own: batch over (data, fsdp), kv heads over tensor, slots over
 `sequence` (a long prompt's cache stays spread over the ring where its prefill
 computed it).
 parallel/ring.py describes which device holds which slot.
+
+The cache's dtype is `ModelConfig.kv_cache_dtype` (`cache_dtype`). An int8 cache holds
+each token's key and value per kv head as int8 with one float32 scale
+(parallel/int8.py): per layer `key_scales` and `value_scales` [B, K, C], sharded as
+the slots; a float cache has none (empty tuples).
 """
 
 import dataclasses
@@ -16,7 +21,50 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from parallel import ring
+from parallel import int8, ring
+
+
+def cache_dtype(config):
+  """The dtype the cache of a model of `config` (ModelConfig) is stored in."""
+  return jnp.dtype(config.kv_cache_dtype or config.dtype)
+
+
+def slot_arrays(cache) -> list:
+  """[(field, layer or None, array, slot axis)] of every array of a KVCache or
+  SlotCache that has a slot axis: keys, values, their scales (int8) and positions."""
+  out = []
+  for field, slot_axis in (("keys", ring.KEY_SLOTS), ("values", ring.VALUE_SLOTS),
+                           ("key_scales", ring.SCALE_SLOTS),
+                           ("value_scales", ring.SCALE_SLOTS)):
+    out += [(field, layer, array, slot_axis)
+            for layer, array in enumerate(getattr(cache, field))]
+  return out + [("positions", None, cache.positions, ring.POSITION_SLOTS)]
+
+
+def with_slot_arrays(cache, arrays: list):
+  """`cache` with the arrays of `slot_arrays(cache)` replaced by `arrays` (same order)."""
+  fields = {}
+  for (field, layer, _, _), array in zip(slot_arrays(cache), arrays):
+    if layer is None:
+      fields[field] = array
+    else:
+      fields[field] = fields.get(field, ()) + (array,)
+  return dataclasses.replace(cache, **fields)
+
+
+def write_layer(cache, layer: int, k, v, write) -> tuple:
+  """(keys, values, key scales, value scales) of `layer` after writing the new tokens'
+  k, v [B, L, K, D] with `write(array, new, slot_axis)` (the scales None for a float
+  cache). Quantized here when the cache is int8."""
+  k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)  # [B,K,D,L], [B,K,L,D]
+  if not cache.key_scales:
+    return (write(cache.keys[layer], k, ring.KEY_SLOTS),
+            write(cache.values[layer], v, ring.VALUE_SLOTS), None, None)
+  (k, k_scale), (v, v_scale) = int8.quantize(k, 2), int8.quantize(v, 3)
+  return (write(cache.keys[layer], k, ring.KEY_SLOTS),
+          write(cache.values[layer], v, ring.VALUE_SLOTS),
+          write(cache.key_scales[layer], k_scale, ring.SCALE_SLOTS),
+          write(cache.value_scales[layer], v_scale, ring.SCALE_SLOTS))
 
 
 @jax.tree_util.register_dataclass
@@ -27,13 +75,15 @@ class KVCache:
   positions: jax.Array  # [B, C] int32 token position of each slot
   step: jax.Array   # int32 scalar: decode steps written so far
   prompt_slots: int = dataclasses.field(metadata=dict(static=True))  # slots of the prompt
+  key_scales: tuple = ()    # int8 cache: per layer [B, K, C] float32 (else empty)
+  value_scales: tuple = ()
 
   @property
   def capacity(self) -> int:
     return self.positions.shape[1]
 
 
-def from_prefill(layer_kv, positions, valid, room: int, mesh) -> KVCache:
+def from_prefill(layer_kv, positions, valid, room: int, mesh, dtype=None) -> KVCache:
   """The cache after a prefill.
 
   Args:
@@ -42,16 +92,27 @@ def from_prefill(layer_kv, positions, valid, room: int, mesh) -> KVCache:
     positions: [B, L] int32 positions of the prompt tokens (same order and sharding).
     valid: [B, L] bool, False at padding (its slots are never attended to).
     room: decode slots to add, a multiple of mesh.sequence.
+    dtype: the cache's dtype (`cache_dtype`; None: the keys' own); int8 quantizes.
   """
   grow = lambda x, fill, slot_axis: ring.cache_with_room(x, room, fill, slot_axis=slot_axis,
                                                          mesh=mesh)
+  dtype = jnp.dtype(dtype or layer_kv[0][0].dtype)
   keys = lambda k: jnp.transpose(k, (0, 2, 3, 1))  # [B, L, K, D] -> [B, K, D, L]: L slots
   values = lambda v: jnp.swapaxes(v, 1, 2)        # [B, L, K, D] -> [B, K, L, D]
-  return KVCache(keys=tuple(grow(keys(k), 0, ring.KEY_SLOTS) for k, _ in layer_kv),
-                 values=tuple(grow(values(v), 0, ring.VALUE_SLOTS) for _, v in layer_kv),
+  if dtype == jnp.int8:
+    quantized = [(int8.quantize(keys(k), 2), int8.quantize(values(v), 3))
+                 for k, v in layer_kv]
+    scales = dict(key_scales=tuple(grow(ks, 0, ring.SCALE_SLOTS) for (_, ks), _ in quantized),
+                  value_scales=tuple(grow(vs, 0, ring.SCALE_SLOTS) for _, (_, vs) in quantized))
+    layer_kv = [(k, v) for (k, _), (v, _) in quantized]
+  else:
+    scales = {}
+    layer_kv = [(keys(k).astype(dtype), values(v).astype(dtype)) for k, v in layer_kv]
+  return KVCache(keys=tuple(grow(k, 0, ring.KEY_SLOTS) for k, _ in layer_kv),
+                 values=tuple(grow(v, 0, ring.VALUE_SLOTS) for _, v in layer_kv),
                  positions=grow(jnp.where(valid, positions, ring.EMPTY).astype(jnp.int32),
                                 ring.EMPTY, ring.POSITION_SLOTS),
-                 step=jnp.zeros((), jnp.int32), prompt_slots=positions.shape[1])
+                 step=jnp.zeros((), jnp.int32), prompt_slots=positions.shape[1], **scales)
 
 
 @jax.tree_util.register_dataclass
@@ -86,6 +147,8 @@ class SlotCache:
   # Rolling (above): reuse slots past C; `kept` slots at the start are never reused.
   rolling: bool = dataclasses.field(default=False, metadata=dict(static=True))
   kept: int = dataclasses.field(default=0, metadata=dict(static=True))
+  key_scales: tuple = ()    # int8 cache: per layer [B, K, C] float32 (else empty)
+  value_scales: tuple = ()
 
   @property
   def capacity(self) -> int:
@@ -114,19 +177,32 @@ class SlotCache:
 def empty_slots(config, mesh, slots: int, capacity: int, *, rolling=False,
                 kept=0) -> SlotCache:
   """An empty SlotCache of `slots` rows of `capacity` slots (a multiple of
-  mesh.sequence), sharded as ring.slot_write expects; `config` is the ModelConfig.
-  rolling / kept: see SlotCache."""
+  mesh.sequence), sharded as ring.slot_write expects, in `cache_dtype(config)`;
+  `config` is the ModelConfig. rolling / kept: see SlotCache."""
   spec = lambda ndim, slot_axis: ring.cache_spec("sequence", ndim, slot_axis)
   place = lambda shape, dtype, value, slot_axis: jax.device_put(
       jnp.full(shape, value, dtype),
       jax.sharding.NamedSharding(mesh, spec(len(shape), slot_axis)))
-  kv_heads, head_dim = config.n_kv_heads, config.head_dim
+  kv_heads, head_dim, layers = config.n_kv_heads, config.head_dim, range(config.n_layers)
+  dtype = cache_dtype(config)
+  scales = {}
+  if dtype == jnp.int8:
+    scales = {field: tuple(place((slots, kv_heads, capacity), jnp.float32, 0, ring.SCALE_SLOTS)
+                           for _ in layers) for field in ("key_scales", "value_scales")}
   return SlotCache(
-      keys=tuple(place((slots, kv_heads, head_dim, capacity), config.dtype, 0, ring.KEY_SLOTS)
-                 for _ in range(config.n_layers)),
-      values=tuple(place((slots, kv_heads, capacity, head_dim), config.dtype, 0,
-                         ring.VALUE_SLOTS) for _ in range(config.n_layers)),
+      keys=tuple(place((slots, kv_heads, head_dim, capacity), dtype, 0, ring.KEY_SLOTS)
+                 for _ in layers),
+      values=tuple(place((slots, kv_heads, capacity, head_dim), dtype, 0, ring.VALUE_SLOTS)
+                   for _ in layers),
       positions=place((slots, capacity), jnp.int32, ring.EMPTY, ring.POSITION_SLOTS),
       fill=jax.device_put(jnp.zeros((slots,), jnp.int32),
                           jax.sharding.NamedSharding(mesh, jax.P(spec(2, 1)[0]))),
-      rolling=rolling, kept=kept)
+      rolling=rolling, kept=kept, **scales)
+
+
+def per_token_bytes(config) -> int:
+  """Cache bytes of one token over all layers: keys, values (and their int8 scales),
+  and its position."""
+  dtype = cache_dtype(config)
+  per_head = 2 * (config.head_dim * dtype.itemsize + (4 if dtype == jnp.int8 else 0))
+  return config.n_layers * config.n_kv_heads * per_head + 4

@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from model import quantize
+
 
 def _specs(spec: str) -> tuple[str, str, str]:
   inputs, out = spec.replace(" ", "").split("->")
@@ -28,8 +30,16 @@ def _specs(spec: str) -> tuple[str, str, str]:
   return x, w, out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def project(spec: str, x, weight, out_dtype=None):
+  """einsum(spec, x, weight) in x.dtype with float32 accumulation, as `out_dtype`
+  (`_project`); an int8 weight (model/quantize.Int8Weight) goes to quantize.project."""
+  if isinstance(weight, quantize.Int8Weight):
+    return quantize.project(spec, x, weight, out_dtype)
+  return _project(spec, x, weight, out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _project(spec: str, x, weight, out_dtype=None):
   """einsum(spec, x, weight) in x.dtype with float32 accumulation, as `out_dtype`.
 
   spec: a two-operand einsum in which every summed index appears in both operands and
@@ -44,7 +54,7 @@ def project(spec: str, x, weight, out_dtype=None):
 
 
 def _project_fwd(spec, x, weight, out_dtype):
-  return project(spec, x, weight, out_dtype), (x, weight)
+  return _project(spec, x, weight, out_dtype), (x, weight)
 
 
 def _project_bwd(spec, out_dtype, residuals, grad):
@@ -58,4 +68,4 @@ def _project_bwd(spec, out_dtype, residuals, grad):
   return grad_x.astype(x.dtype), grad_w.astype(weight.dtype)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+_project.defvjp(_project_fwd, _project_bwd)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import loss, rope
+from model import kv_cache, loss, quantize, rope
 from model.matmul import project
 from model.config import AttentionConfig, ConfigError, ModelConfig
 from model.kv_cache import KVCache, SlotCache
@@ -72,6 +72,34 @@ def _gathered(param: nnx.Param, mesh):
   return _gather(param[...], mesh, param.get_metadata()["logical_axes"])
 
 
+def _weight(module, name: str):
+  """The weight `name` of `module` as its projection reads it: `_gathered`, and with
+  model.quantize=int8 a quantize.Int8Weight of its values and `<name>_scale`."""
+  param = getattr(module, name)
+  scale = getattr(module, name + "_scale", None)
+  if scale is None:
+    return _gathered(param, module.mesh)
+  return quantize.Int8Weight(_gathered(param, module.mesh), _gathered(scale, module.mesh),
+                             quantize.IN_AXES[name],
+                             activations=ring.platform_of(module.mesh) == "cpu")
+
+
+def _quantize_weights(model) -> None:
+  """Every weight of quantize.IN_AXES in `model` (a Transformer) replaced in place by
+  its int8 values, with a `<name>_scale` Param beside it (model/quantize.py)."""
+  modules = [model] + [part for block in model.blocks for part in (block.attn, block.mlp)]
+  for module in modules:
+    for name in quantize.IN_AXES:
+      param = getattr(module, name, None)
+      if not isinstance(param, nnx.Param) or param[...].dtype == jnp.int8:
+        continue
+      axes = param.get_metadata()["logical_axes"]
+      values, scale = quantize.quantize_weight(param[...], name)
+      setattr(module, name, nnx.Param(values, logical_axes=axes))
+      setattr(module, name + "_scale", nnx.Param(
+          scale, logical_axes=quantize.scale_axes(axes, quantize.IN_AXES[name])))
+
+
 def _zeros(shape, logical_axes, config: ModelConfig):
   return nnx.Param(jnp.zeros(shape, config.param_dtype), logical_axes=logical_axes)
 
@@ -106,12 +134,13 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, positions, segment_ids, cache: KVCache | SlotCache | None,
                layer: int, tokens_axis):
     """(output [B, L, M], (k, v)): this call's keys/values [B, L, K, D] without a
-    cache, the layer's updated cache arrays with one."""
+    cache; with one, the layer's updated cache arrays (keys, values, key scales, value
+    scales: kv_cache.write_layer)."""
     dtype = self.config.dtype
-    weight = lambda param: _gathered(param, self.mesh)
-    q = project("blm,mhd->blhd", x, weight(self.wq))
-    k = project("blm,mkd->blkd", x, weight(self.wk))
-    v = project("blm,mkd->blkd", x, weight(self.wv))
+    weight = functools.partial(_weight, self)
+    q = project("blm,mhd->blhd", x, weight("wq"))
+    k = project("blm,mkd->blkd", x, weight("wk"))
+    v = project("blm,mkd->blkd", x, weight("wv"))
     if self.config.qkv_bias:
       q, k, v = (y + b[...].astype(dtype) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     q = sharding.constrain(rope.apply_rotary(q, cos, sin), self.mesh,
@@ -120,25 +149,24 @@ class Attention(nnx.Module):
                            ("batch", tokens_axis, "kv_heads", "head_dim"))
     v = sharding.constrain(v, self.mesh, ("batch", tokens_axis, "kv_heads", "head_dim"))
     window = dict(window=self.config.layer_window(layer), sinks=self.config.layer_sinks(layer))
-    if isinstance(cache, SlotCache):  # L tokens per row at the row's own fill
-      write = lambda array, new, slot_axis: cache.write(array, new, slot_axis, self.mesh)
-      k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
-      v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
-      out = ring.cache_attention(q, k, v, cache.positions, positions, mesh=self.mesh,
-                                 live=cache.live, live_rows=cache.live_rows, **window)
-    elif cache is None:
+    if cache is None:
       out = ring.ring_attention(q, k, v, positions=positions, segment_ids=segment_ids,
                                 causal=True, mesh=self.mesh, impl=self.attention.impl,
                                 block_q=self.attention.block_q, block_kv=self.attention.block_kv,
                                 **window)
-    else:
+      return project("blhd,hdm->blm", out, weight("wo")), (k, v)
+    if isinstance(cache, SlotCache):  # L tokens per row at the row's own fill
+      write = lambda array, new, slot_axis: cache.write(array, new, slot_axis, self.mesh)
+      live = dict(live=cache.live, live_rows=cache.live_rows)
+    else:  # one token per row at decode step cache.step
       write = lambda array, new, slot_axis: ring.cache_write(
           array, new, cache.step, cache.prompt_slots, slot_axis=slot_axis, mesh=self.mesh)
-      # [B, 1, K, D] -> keys [B, K, D, 1], values [B, K, 1, D] (model/kv_cache.py)
-      k = write(cache.keys[layer], jnp.transpose(k, (0, 2, 3, 1)), ring.KEY_SLOTS)
-      v = write(cache.values[layer], jnp.swapaxes(v, 1, 2), ring.VALUE_SLOTS)
-      out = ring.cache_attention(q, k, v, cache.positions, positions, mesh=self.mesh, **window)
-    return project("blhd,hdm->blm", out, weight(self.wo)), (k, v)
+      live = {}
+    layer_cache = kv_cache.write_layer(cache, layer, k, v, write)
+    k_cache, v_cache, k_scale, v_scale = layer_cache
+    out = ring.cache_attention(q, k_cache, v_cache, cache.positions, positions, mesh=self.mesh,
+                               k_scale=k_scale, v_scale=v_scale, **live, **window)
+    return project("blhd,hdm->blm", out, weight("wo")), layer_cache
 
 
 class MLP(nnx.Module):
@@ -151,11 +179,11 @@ class MLP(nnx.Module):
     self.w_down = _param(rngs, (config.mlp_dim, config.dim), ("mlp", "embed"), config)
 
   def __call__(self, x, tokens_axis):
-    weight = lambda param: _gathered(param, self.mesh)
-    gate = project("blm,mf->blf", x, weight(self.w_gate))
-    up = project("blm,mf->blf", x, weight(self.w_up))
+    weight = functools.partial(_weight, self)
+    gate = project("blm,mf->blf", x, weight("w_gate"))
+    up = project("blm,mf->blf", x, weight("w_up"))
     hidden = sharding.constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", tokens_axis, "mlp"))
-    return project("blf,fm->blm", hidden, weight(self.w_down))
+    return project("blf,fm->blm", hidden, weight("w_down"))
 
 
 class Block(nnx.Module):
@@ -195,6 +223,8 @@ class Transformer(nnx.Module):
       # [V, M] like the embedding table: one output row per token, which makes the
       # decode step's head matmul (32 rows x 32000 outputs) ~20% faster on XLA:CPU.
       self.lm_head = _param(rngs, (config.vocab_size, config.dim), ("vocab", "embed"), config)
+    if config.quantize:
+      _quantize_weights(self)
 
   def __call__(self, tokens, positions, segment_ids=None):
     """Logits for every token (training and scoring).
@@ -229,8 +259,11 @@ class Transformer(nnx.Module):
     tokens_axis = sharding.tokens_axis(tokens.shape[1])
     cos, sin = rope.rotary_tables(config.rope, config.head_dim, positions)
     # FSDP gathers the table's model dimension before the lookup, as for any weight.
-    table = sharding.constrain(self.embed[...], self.mesh, ("vocab", None))
-    x = jnp.take(table, tokens, axis=0).astype(config.dtype)  # [B, L, M]
+    if config.quantize:
+      x = quantize.embed(_weight(self, "embed"), tokens, config.dtype)  # [B, L, M]
+    else:
+      table = sharding.constrain(self.embed[...], self.mesh, ("vocab", None))
+      x = jnp.take(table, tokens, axis=0).astype(config.dtype)  # [B, L, M]
     x = sharding.constrain(x, self.mesh, ("batch", tokens_axis, "act_embed"))
     if isinstance(cache, SlotCache):
       tokens_axis = None  # a chunk's queries attend on every device of the ring
@@ -255,11 +288,12 @@ class Transformer(nnx.Module):
     x = self.final_norm(x)
     if cache is None:
       return x, tuple(layer_kv)
-    keys, values = tuple(k for k, _ in layer_kv), tuple(v for _, v in layer_kv)
+    keys, values, key_scales, value_scales = zip(*layer_kv)
+    cache = dataclasses.replace(cache, keys=keys, values=values, **(dict(
+        key_scales=key_scales, value_scales=value_scales) if cache.key_scales else {}))
     if isinstance(cache, SlotCache):
-      return x, dataclasses.replace(cache, keys=keys, values=values,
-                                    fill=cache.fill + tokens.shape[1])
-    return x, dataclasses.replace(cache, keys=keys, values=values, step=cache.step + 1)
+      return x, dataclasses.replace(cache, fill=cache.fill + tokens.shape[1])
+    return x, dataclasses.replace(cache, step=cache.step + 1)
 
   def target_log_probs(self, hidden, targets):
     """log p(target) of every token from the final hidden states (training's loss):
@@ -267,7 +301,7 @@ class Transformer(nnx.Module):
     sequence) -> [B, L] float32. With model.head_chunk the [B, L, V] logits are formed
     one chunk at a time (model/loss.py)."""
     config = self.config
-    if not config.head_chunk or hidden.shape[1] <= 1:
+    if not config.head_chunk or hidden.shape[1] <= 1 or config.quantize:
       return loss.target_log_probs(self.head(hidden), targets)
     head = _gathered(self.embed if config.tie_embeddings else self.lm_head, self.mesh)
     return loss.chunked_target_log_probs(hidden, head, targets, chunk=config.head_chunk,
@@ -276,7 +310,7 @@ class Transformer(nnx.Module):
   def head(self, hidden):
     """hidden [B, L, M] (after the final norm) -> logits [B, L, V] float32."""
     config = self.config
-    head = _gathered(self.embed if config.tie_embeddings else self.lm_head, self.mesh)  # [V, M]
+    head = _weight(self, "embed" if config.tie_embeddings else "lm_head")  # [V, M]
     logits = project("blm,vm->blv", hidden.astype(config.dtype), head, jnp.float32)
     return sharding.constrain(logits, self.mesh,
                               ("batch", sharding.tokens_axis(hidden.shape[1]), "vocab"))
@@ -327,8 +361,23 @@ def abstract(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
                       "by a ringlm that ignored it; convert it again with tools.convert_hf, "
                       f"or pass --config.model.window={origin_window}")
   graphdef, targets = abstract_params(config, mesh, attention)
-  checkpoint.check_param_shapes(step_dir, targets)  # fail before anything compiles
+  stored = _stored_config(config, meta)  # what the checkpoint holds (float or int8)
+  checkpoint.check_param_shapes(step_dir, targets if stored == config else
+                                abstract_params(stored, mesh, attention)[1])
   return nnx.merge(graphdef, targets), step_dir, meta
+
+
+def _stored_config(config: ModelConfig, meta: dict) -> ModelConfig:
+  """`config` as the checkpoint of `meta` stores its parameters: float ones when it was
+  not quantized (model.quantize then quantizes them as they load)."""
+  saved = meta["config"]["model"].get("quantize", "")
+  if config.quantize and not saved:
+    return dataclasses.replace(config, quantize="")
+  if saved and not config.quantize:
+    raise ConfigError(f"the checkpoint's weights are int8 (model.quantize={saved!r}); it "
+                      "cannot be served or trained unquantized: serve it as it is, or use "
+                      "the float checkpoint it came from")
+  return config
 
 
 def load(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
@@ -348,6 +397,21 @@ def load_parameters(shapes: Transformer, step_dir: str) -> tuple[Transformer, di
   into the shapes and shardings of `shapes` (a model from `abstract`)."""
   from model import checkpoint
   graphdef, targets = nnx.split(shapes)
-  params, meta = checkpoint.load_params(step_dir, nnx.to_pure_dict(targets),
-                                        check_shapes=False)  # `abstract` checked them
+  targets = nnx.to_pure_dict(targets)
+  stored = _stored_config(shapes.config, checkpoint.load_meta(step_dir)[1])
+  if stored == shapes.config:
+    params, meta = checkpoint.load_params(step_dir, targets,
+                                          check_shapes=False)  # `abstract` checked them
+    return nnx.merge(graphdef, params), meta
+  # A float checkpoint served with int8 weights: read, then quantized where it lies.
+  float_graphdef, float_targets = abstract_params(stored, shapes.mesh)
+  float_params, meta = checkpoint.load_params(step_dir, float_targets, check_shapes=False)
+
+  def quantized(params):
+    model = nnx.merge(float_graphdef, params)
+    _quantize_weights(model)
+    return nnx.to_pure_dict(nnx.state(model))
+
+  shardings = jax.tree.map(lambda target: target.sharding, targets)
+  params = jax.jit(quantized, out_shardings=shardings, donate_argnums=0)(float_params)
   return nnx.merge(graphdef, params), meta

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from parallel import sharding
+from parallel import int8, sharding
 from parallel.kernels import masking, xla
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
@@ -245,13 +245,14 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
 
 EMPTY = 2 ** 30  # position of a padding or unused cache slot: later than every query
 KEY_SLOTS, VALUE_SLOTS, POSITION_SLOTS = 3, 2, 1  # the slot axis of each cache array
+SCALE_SLOTS = 2  # an int8 cache's key and value scales [B, K, C]
 
 
 def cache_spec(axis, ndim, slot_axis):
-  """The sharding of a cache array (keys, values or positions, as above): batch over
-  (data, fsdp), kv heads over tensor, slots (`slot_axis`) over `axis`."""
+  """The sharding of a cache array (keys, values, their scales or positions, as above):
+  batch over (data, fsdp), kv heads over tensor, slots (`slot_axis`) over `axis`."""
   names = [sharding.RULES["batch"]] + [None] * (ndim - 1)
-  if ndim == 4:
+  if ndim >= 3:
     names[1] = sharding.RULES["kv_heads"]
   names[slot_axis] = axis
   return jax.P(*names)
@@ -305,8 +306,8 @@ def cache_write(cache, new, step, prompt_slots: int, *, slot_axis: int, mesh,
     old = lax.dynamic_slice(cache, start, new.shape)
     return lax.dynamic_update_slice(cache, jnp.where(mine, new, old), start)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, new_spec, jax.P()), out_specs=spec,
-                       check_vma=False)(cache, new.astype(cache.dtype), step)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, new_spec, jax.P()),
+                       out_specs=spec, check_vma=False)(cache, new.astype(cache.dtype), step)
 
 
 def rolling_slot(token, capacity: int, kept: int):
@@ -377,7 +378,8 @@ def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence", rolli
 
 
 def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
-                    axis="sequence", scale=None, live=0, live_rows=0, window=0, sinks=0):
+                    axis="sequence", scale=None, live=0, live_rows=0, window=0, sinks=0,
+                    k_scale=None, v_scale=None):
   """Attention of L new tokens per row over a sequence-sharded KV cache (a decode
   step: L = 1; a chunk of a prompt prefilled into a SlotCache: L > 1).
 
@@ -399,6 +401,10 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
       0: all C. Slots beyond must hold nothing a query should see.
     live_rows: attend only for the first `live_rows` rows (0: all B); the others get
       zeros. Only on a mesh whose batch axes are 1 (the rows are whole on every device).
+    k_scale, v_scale: [B, K, C] float32, sharded as the slots, for an int8 cache
+      (model/kv_cache.py: slot c of head k holds values * scale). The queries are then
+      rounded to int8 too (one scale per query and head), so q.k is an int8 product with
+      int32 sums (native on CPU and TPU); p.v folds the value scales into p.
   Returns:
     [B, L, H, D] in q.dtype, sharded like q.
   """
@@ -415,19 +421,35 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
   if live_rows and any(mesh.shape[name] > 1 for name in batch_axes):
     raise ValueError(f"live_rows={live_rows} needs the batch axes {batch_axes} of size 1")
 
-  def local(q, k, v, kv_pos, q_pos):
+  quantized = k_scale is not None
+  scale_spec = cache_spec(axis, 3, SCALE_SLOTS)
+
+  def local(q, k, v, kv_pos, q_pos, k_scale=None, v_scale=None):
     rows = q.shape[0]
     if live_rows and live_rows < rows:
       q, k, v, kv_pos, q_pos = (x[:live_rows] for x in (q, k, v, kv_pos, q_pos))
+      if quantized:
+        k_scale, v_scale = k_scale[:live_rows], v_scale[:live_rows]
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if live:
       used = live // ring_size
       k, v, kv_pos = k[..., :used], v[:, :, :used], kv_pos[:, :used]
+      if quantized:
+        k_scale, v_scale = k_scale[..., :used], v_scale[..., :used]
     # [B, L, H, D] -> [B, K, G, L, D]
     grouped = jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim),
-                           1, 3).astype(jnp.float32)
-    scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k.astype(jnp.float32)) * scale
+                           1, 3)
+    if quantized:
+      grouped, q_scale = int8.quantize(grouped, 4)  # [B, K, G, L]
+      scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k, preferred_element_type=jnp.int32)
+      scores = (scores.astype(jnp.float32) * (q_scale[..., None] * scale)
+                * k_scale[:, :, None, None, :])
+    else:
+      # Products in the cache's dtype, accumulated in float32: a cache converted to
+      # float32 here was a copy of the whole cache per layer and step (XLA:CPU).
+      scores = jnp.einsum("bkgld,bkdc->bkglc", grouped.astype(k.dtype), k,
+                          preferred_element_type=jnp.float32) * scale
     kv_pos, q_pos = kv_pos[:, None, :], q_pos[:, :, None]
     visible = kv_pos <= q_pos
     if window:
@@ -438,8 +460,13 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     ring_max = lax.pmax(local_max, axis)
     safe_max = jnp.where(ring_max == -jnp.inf, 0.0, ring_max)
     weights = jnp.exp(scores - safe_max[..., None])
-    numerator = jnp.einsum("bkglc,bkcd->bkgld", weights, v.astype(jnp.float32))
     denominator = jnp.sum(weights, axis=-1, keepdims=True)
+    if quantized:  # sum_c p_c s_c v_c: the scales folded into p, v widened to float32
+      numerator = jnp.einsum("bkglc,bkcd->bkgld", weights * v_scale[:, :, None, None, :],
+                             v.astype(jnp.float32))
+    else:
+      numerator = jnp.einsum("bkglc,bkcd->bkgld", weights.astype(v.dtype), v,
+                             preferred_element_type=jnp.float32)
     # The merge: one all-reduce of (numerator, denominator) over the ring.
     numerator, denominator = lax.psum((numerator, denominator), axis)
     out = numerator / jnp.where(denominator == 0, 1.0, denominator)  # [B, K, G, L, D]
@@ -448,7 +475,9 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
       out = jnp.concatenate([out, jnp.zeros((rows - batch, *out.shape[1:]), out.dtype)])
     return out
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, v_spec,
-                                                   jax.P(batch_axes, axis), jax.P(batch_axes)),
-                       out_specs=q_spec, check_vma=False)(
-      q, k_cache, v_cache, cache_positions.astype(jnp.int32), q_positions.astype(jnp.int32))
+  specs = (q_spec, k_spec, v_spec, jax.P(batch_axes, axis), jax.P(batch_axes))
+  args = (q, k_cache, v_cache, cache_positions.astype(jnp.int32), q_positions.astype(jnp.int32))
+  if quantized:
+    specs, args = specs + (scale_spec, scale_spec), args + (k_scale, v_scale)
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec,
+                       check_vma=False)(*args)

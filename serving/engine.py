@@ -83,7 +83,8 @@ class Engine:
     hidden, layer_kv = model.forward(tokens, positions, jnp.where(valid, 0, 1))
     last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)  # [B, 1, M]
     logits = model.head(last)[:, 0]
-    cache = kv_cache.from_prefill(layer_kv, positions, valid, room, self.mesh)
+    cache = kv_cache.from_prefill(layer_kv, positions, valid, room, self.mesh,
+                                  kv_cache.cache_dtype(model.config))
     first, logprob = sample(logits, *params, jnp.zeros_like(last_index), sampling=sampling)
     return first, logprob, cache
 

@@ -82,6 +82,38 @@ def load_model(checkpoint: str, config, named: set[str], mesh, seq_len: int,
   # Serving and scoring never differentiate, so a training run's remat has nothing to
   # save (and nnx.remat inside the engines' jit raised TraceContextError on every request).
   overrides["remat"] = "none"
+  overrides.update(serving_precision(config, named, overrides, mesh))
   build = transformer.abstract if abstract else transformer.load
   model = build(step_dir, mesh, AttentionConfig(**config.attention.to_dict()), **overrides)[0]
   return model, saved, files
+
+
+SERVE_DTYPES = ("", "float32", "bfloat16")
+
+
+def serving_precision(config, named: set[str], model: dict, mesh) -> dict:
+  """The model fields serve.dtype sets (dtype and param_dtype, unless the command line
+  named model.dtype or model.param_dtype), serve.quantize (model.quantize) and the KV
+  cache's dtype: model.kv_cache_dtype,
+  or when that is "" on a CPU mesh with bfloat16 compute, float32, because XLA:CPU
+  writes a token into a bfloat16 array by rewriting the whole array (measured on the
+  58M model of bench/decode.py, 32 rows x 256 slots: 915 us per layer and step against
+  62 us for float32), which made bf16 decode slower than float32."""
+  from core.errors import ConfigError
+  dtype = config.serve.dtype
+  if dtype not in SERVE_DTYPES:
+    raise ConfigError(f"serve.dtype={dtype!r}; use bfloat16, float32 or \"\" (the "
+                      "checkpoint's)")
+  fields = {}
+  if dtype and not named & {"model.dtype", "model.param_dtype"}:
+    fields = dict(dtype=dtype, param_dtype=dtype)
+  if config.serve.quantize not in ("", "int8"):
+    raise ConfigError(f"serve.quantize={config.serve.quantize!r}; use int8 or \"\" (the "
+                      "checkpoint's weights)")
+  if config.serve.quantize:
+    fields["quantize"] = config.serve.quantize
+  compute = fields.get("dtype", model.get("dtype"))
+  platform = next(iter(mesh.devices.flat)).platform
+  if not model.get("kv_cache_dtype") and platform == "cpu" and compute == "bfloat16":
+    fields["kv_cache_dtype"] = "float32"
+  return fields

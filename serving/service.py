@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from core.errors import ConfigError
+from model import kv_cache
 from serving import api, slots as slots_lib
 from serving.metrics import ServerMetrics
 from serving.prefix_cache import PrefixCache
@@ -95,7 +96,7 @@ def plan_capacity(model, mesh, serve, max_context: int, chunks) -> Capacity:
     free = (int(limit * 0.9) - params) * len(devices) - prefix
     source = f"{human_bytes(limit)} per {devices[0].device_kind}, 10% kept back"
   free = max(free, 0)
-  per_token = slots_lib.per_token_bytes(model.config)
+  per_token = kv_cache.per_token_bytes(model.config)
   rolling_slots = layout.capacity if layout.rolling else 0
   if layout.rolling:
     source += (f"; sliding window {model.config.window}: a rolling cache of "

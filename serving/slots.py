@@ -134,7 +134,7 @@ class SlotEngine:
   def cache_bytes(self) -> int:
     """Bytes of the SlotCache and the staging row (keys and values of every layer, and
     positions)."""
-    return (self.slots + 1) * self.capacity * per_token_bytes(self.model.config)
+    return (self.slots + 1) * self.capacity * kv_cache.per_token_bytes(self.model.config)
 
   def use_parameters(self, model) -> None:
     self.model, self.state = model, nnx.split(model)[1]
@@ -166,9 +166,9 @@ class SlotEngine:
   def _commit_fn(self, cache, staging, row):
     """The staging row written over row `row` of the cache (keys, values, positions)."""
     put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, row, axis=0)
-    return dataclasses.replace(cache, keys=tuple(map(put, cache.keys, staging.keys)),
-                               values=tuple(map(put, cache.values, staging.values)),
-                               positions=put(cache.positions, staging.positions))
+    return kv_cache.with_slot_arrays(cache, [
+        put(full, part) for (_, _, full, _), (_, _, part, _) in
+        zip(kv_cache.slot_arrays(cache), kv_cache.slot_arrays(staging))])
 
   def _decode_fn(self, state, cache, token, position, fill, done, generated, max_tokens,
                  params, *, steps, sampling, live, live_rows):
@@ -221,15 +221,11 @@ class SlotEngine:
     # eval_shape drops shardings; give the cache its own.
     spec = lambda ndim, slot_axis: jax.sharding.NamedSharding(
         self.mesh, ring.cache_spec("sequence", ndim, slot_axis))
-    cache = kv_cache.SlotCache(
-        keys=tuple(jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=spec(4, ring.KEY_SLOTS))
-                   for k in cache.keys),
-        values=tuple(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec(4, ring.VALUE_SLOTS))
-                     for v in cache.values),
-        positions=jax.ShapeDtypeStruct(cache.positions.shape, jnp.int32,
-                                       sharding=spec(2, ring.POSITION_SLOTS)),
-        fill=jax.ShapeDtypeStruct((cache_rows,), jnp.int32, sharding=named(("batch",))),
-        rolling=self.rolling, kept=self.kept)
+    cache = kv_cache.with_slot_arrays(cache, [
+        jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=spec(array.ndim, slot_axis))
+        for _, _, array, slot_axis in kv_cache.slot_arrays(cache)])
+    cache = dataclasses.replace(cache, fill=jax.ShapeDtypeStruct(
+        (cache_rows,), jnp.int32, sharding=named(("batch",))))
     rows = lambda dtype: jax.ShapeDtypeStruct((self.slots,), dtype, sharding=named(("batch",)))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=named(()))
     return cache, rows, scalar
@@ -285,17 +281,15 @@ class SlotEngine:
     return min(size, self.capacity)
 
   def _prefix_specs(self):
-    return [(ring.cache_spec("sequence", ndim, axis), axis) for ndim, axis in
-            [(4, ring.KEY_SLOTS)] * len(self.cache_shapes.keys) +
-            [(4, ring.VALUE_SLOTS)] * len(self.cache_shapes.values) +
-            [(2, ring.POSITION_SLOTS)]]
+    return [(ring.cache_spec("sequence", array.ndim, axis), axis)
+            for _, _, array, axis in kv_cache.slot_arrays(self.cache_shapes)]
 
   @property
   def cache_shapes(self):
     return self._shapes()[0]
 
   def _take_fn(self, staging, *, length):
-    arrays = [*staging.keys, *staging.values, staging.positions]
+    arrays = [array for _, _, array, _ in kv_cache.slot_arrays(staging)]
     local = length // self.ring
     out = []
     for array, (spec, axis) in zip(arrays, self._prefix_specs()):
@@ -305,15 +299,13 @@ class SlotEngine:
     return out
 
   def _put_fn(self, staging, kept):
-    arrays = [*staging.keys, *staging.values, staging.positions]
+    arrays = [array for _, _, array, _ in kv_cache.slot_arrays(staging)]
     out = []
     for array, part, (spec, _) in zip(arrays, kept, self._prefix_specs()):
       put = lambda a, p: jax.lax.dynamic_update_slice(a, p, [0] * a.ndim)
       out.append(jax.shard_map(put, mesh=self.mesh, in_specs=(spec, spec), out_specs=spec,
                                check_vma=False)(array, part))
-    layers = len(staging.keys)
-    return dataclasses.replace(staging, keys=tuple(out[:layers]),
-                               values=tuple(out[layers:2 * layers]), positions=out[-1])
+    return kv_cache.with_slot_arrays(staging, out)
 
   def _prefix_programs(self, length: int):
     staging = self._shapes(cache_rows=1)[0]
@@ -333,7 +325,7 @@ class SlotEngine:
 
   @property
   def per_token_bytes(self) -> int:
-    return per_token_bytes(self.model.config)
+    return kv_cache.per_token_bytes(self.model.config)
 
   def compile_all(self, prefix_block: int = 0) -> int:
     """Compiles every program serving can run (with `prefix_block`, the prefix cache's
@@ -416,9 +408,3 @@ def kv_capacity(*, per_token_bytes: int, free_bytes: int, slots: int, max_contex
   return {"max_context": min(longest, max_context), "fits": rows * per_row <= free_bytes,
           "max_batch": max(int(free_bytes // per_row) - 1, 0), "cache_bytes": rows * per_row,
           "free_bytes": free_bytes}
-
-
-def per_token_bytes(config) -> int:
-  """KV cache bytes of one token over all layers (keys, values, and its position)."""
-  return 2 * config.n_layers * config.n_kv_heads * config.head_dim * \
-      jnp.dtype(config.dtype).itemsize + 4

@@ -22,7 +22,9 @@ from tests.test_serve import ROOT, checkpoint_dir, run_serve  # noqa: F401 (a fi
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
-SERVER_FLAGS = ("--config.serve.batch_size=8", "--config.serve.prefill_chunk=64",
+# float32: the server and the batch mode must agree to 1e-4 (bf16, the default, differs
+# between their computation orders by more)
+SERVER_FLAGS = ("--config.serve.dtype=float32", "--config.serve.batch_size=8", "--config.serve.prefill_chunk=64",
                 "--config.serve.slot_decode_steps=4", "--config.serve.prefix_block=16",
                 "--config.serve.max_body_mb=1")
 VOCAB = 512
@@ -121,7 +123,7 @@ def batch_reference(checkpoint, tmp_path_factory):
            for p in TEXT_PROMPTS]
   lines += [json.dumps(r).encode() + b"\n" for r in mixed_requests(64, seed=5)]
   result, output = run_serve(checkpoint, lines, tmp_path_factory.mktemp("batch"),
-                             "--config.serve.batch_size=16")
+                             "--config.serve.batch_size=16", "--config.serve.dtype=float32")
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in output.read_text().splitlines()]
   return records[:len(TEXT_PROMPTS)], records[len(TEXT_PROMPTS):]

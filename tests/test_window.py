@@ -12,14 +12,13 @@ import torch
 import transformers
 from flax import nnx
 
-from model import hf, transformer
+from model import hf, kv_cache, transformer
 from model.config import ConfigError, ModelConfig
 from parallel import mesh as mesh_lib
 from serving.engine import Engine
 from serving.requests import Request
 from serving.scheduler import Scheduler
 from serving.slots import SlotEngine, chunk_sizes, kv_capacity
-from serving.slots import per_token_bytes as slots_per_token_bytes
 from tests.test_convert_hf import make_hf_model, ringlm_logits, hf_logits, tokens
 from tests.test_serve import greedy_reference
 from tests.test_slots import serve_all
@@ -168,7 +167,7 @@ def test_capacity_report_uses_the_rolling_row():
   context, so the same memory serves far longer requests."""
   full = ModelConfig(n_layers=4, n_kv_heads=2, head_dim=64, dim=512, n_heads=8)
   windowed = dataclasses.replace(full, window=4096)
-  per_token = slots_per_token_bytes(full)
+  per_token = kv_cache.per_token_bytes(full)
   chunks = chunk_sizes(16, 512, 1)
   layout = SlotEngine.row_layout(windowed, 32768, chunks[-1], 1)
   assert layout.rolling and layout.capacity == 4096 - 1 + 512

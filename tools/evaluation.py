@@ -1,5 +1,7 @@
 """What the evaluation tools (eval_ppl, eval_passkey, copy_probe) share: a checkpoint
-opened on the evaluation mesh, a user's mistake turned into one message.
+opened on the evaluation mesh, a user's mistake turned into one message. They take
+serve.py's precision flags (--config.serve.dtype, serve.quantize, model.kv_cache_dtype)
+but evaluate in the checkpoint's own precision unless given.
 
 The model, tokenizer and scoring themselves are the serving library's
 (serving/loading.py, serving/scoring.py).
@@ -21,14 +23,29 @@ def mesh_sizes(config, named) -> dict:
   return dict(EVAL_MESH)
 
 
+def eval_devices(named):
+  """The devices an evaluation runs on: all of them, but one on a CPU host unless
+  --config.mesh.* asks for more (virtual CPU devices share the cores and each holds a
+  copy of the parameters; serving measured one device at twice the speed of eight)."""
+  import jax
+  devices = jax.devices()
+  if devices[0].platform == "cpu" and not any(field.startswith("mesh.") for field in named):
+    return devices[:1]
+  return devices
+
+
 def open_checkpoint(checkpoint: str, config, named: set[str], lengths: list[int],
                     with_tokenizer: bool = True):
   """(mesh, model, tokenizer, data.files) of `checkpoint` with the named overrides, on
   the evaluation mesh, extended to max(lengths) and validated at each length (tokenizer
   None unless `with_tokenizer`). A missing checkpoint or tokenizer, a bad override or a
   length the mesh cannot split ends the program with one message (cli.fail)."""
+  config = config.copy_and_resolve_references()
+  if "serve.dtype" not in named:  # evaluate as the checkpoint stores it unless told
+    with config.unlocked():
+      config.serve.dtype = ""
   try:
-    mesh = mesh_lib.make_mesh(mesh_sizes(config, named))
+    mesh = mesh_lib.make_mesh(mesh_sizes(config, named), eval_devices(named))
     model, saved, files = loading.load_model(checkpoint, config, named, mesh, max(lengths))
     for length in lengths:  # ("data.seq_len" in the messages: the tool's lengths here)
       mesh_lib.validate(model.config, mesh, seq_len=length)

@@ -1,0 +1,215 @@
+"""Serving precision: int8 rounding, the int8 KV cache against float64 attention and
+against a float cache, bfloat16 parameters loaded from a float32 checkpoint, and the
+precision serve.dtype chooses."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base
+from core.errors import ConfigError
+from model import checkpoint, kv_cache, transformer
+from model.config import ModelConfig
+from parallel import int8
+from parallel.mesh import make_mesh
+from parallel.ring import cache_attention
+from serving import loading
+from serving.engine import Engine
+from serving.requests import Request
+
+CONFIG = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128,
+                     max_seq_len=512)
+
+
+def _relative_error(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def test_int8_rounding_is_within_half_a_step(rng):
+  x = rng.standard_normal((3, 5, 16)).astype(np.float32) * rng.uniform(0.01, 100, (3, 5, 1))
+  x[1, 2] = 0  # a slice of zeros: scale 0, values 0, no NaN
+  values, scale = int8.quantize(x, 2)
+  assert values.dtype == jnp.int8 and scale.shape == (3, 5)
+  restored = np.asarray(values, np.float64) * np.asarray(scale)[..., None]
+  assert np.all(np.abs(restored - x) <= np.asarray(scale)[..., None] / 2 + 1e-6)
+  assert np.abs(np.asarray(values)).max() == 127
+  assert np.all(np.asarray(values)[1, 2] == 0) and float(scale[1, 2]) == 0
+
+
+@pytest.mark.parametrize("ring_size", [1, 4])
+def test_int8_cache_attention_matches_float64_over_the_dequantized_cache(ring_size, rng):
+  """ring.cache_attention over an int8 cache (values + per token and head scales)
+  against float64 NumPy attention over the dequantized keys and values: what is left
+  is the rounding of the queries to int8 (bf16-level, ~1e-2)."""
+  mesh = make_mesh({"sequence": ring_size}, devices=jax.devices()[:ring_size])
+  batch, length, heads, kv_heads, dim, capacity = 2, 3, 4, 2, 16, 32
+  q = rng.standard_normal((batch, length, heads, dim)).astype(np.float32)
+  k = rng.standard_normal((batch, kv_heads, dim, capacity)).astype(np.float32) * 3
+  v = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+  positions = np.tile(np.arange(capacity, dtype=np.int32), (batch, 1))
+  q_positions = np.array([[4, 17, 31], [0, 9, 30]], np.int32)
+  k8, k_scale = int8.quantize(k, 2)
+  v8, v_scale = int8.quantize(v, 3)
+  out = cache_attention(q, k8, v8, positions, q_positions, mesh=mesh, k_scale=k_scale,
+                        v_scale=v_scale)
+
+  kd = np.asarray(k8, np.float64) * np.asarray(k_scale)[:, :, None, :]
+  vd = np.asarray(v8, np.float64) * np.asarray(v_scale)[..., None]
+  qg = q.astype(np.float64).reshape(batch, length, kv_heads, heads // kv_heads, dim)
+  scores = np.einsum("blkgd,bkdc->bkglc", qg, kd) / np.sqrt(dim)
+  visible = positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
+  scores = np.where(visible, scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum("bkglc,bkcd->blkgd", weights, vd).reshape(batch, length, heads, dim)
+  error = _relative_error(out, expected)
+  assert error < 1e-2
+  # the float cache's result differs by the cache's rounding, which the check can see
+  exact = cache_attention(q, k, v, positions, q_positions, mesh=mesh)
+  assert _relative_error(exact, expected) > 1e-3
+
+
+def _requests(rng, count=3, max_tokens=6):
+  return [Request(line=i + 1, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
+                  max_tokens=max_tokens, logprobs=True)
+          for i, n in enumerate((5, 19, 30)[:count])]
+
+
+@pytest.mark.parametrize("axes", [{"data": 1}, {"sequence": 4}], ids=["one", "seq4"])
+def test_an_int8_cache_decodes_as_the_float_cache(axes, rng):
+  """The batch engine with an int8 KV cache against the same parameters with a float32
+  cache: the log-probabilities of the tokens the float cache chose agree within int8's
+  rounding, on one device and with the cache split over a ring of 4."""
+  mesh = make_mesh(axes, devices=jax.devices()[:4 if "sequence" in axes else 1])
+  model = transformer.create(CONFIG, mesh, seed=3)
+  quantized = nnx.merge(*nnx.split(transformer.Transformer(
+      dataclasses.replace(CONFIG, kv_cache_dtype="int8"), mesh, rngs=nnx.Rngs(0)))[:1],
+      nnx.split(model)[1])
+  batch = _requests(rng)
+  floats = Engine(model, mesh, decode_chunk=4).generate(batch)
+  ints = Engine(quantized, mesh, decode_chunk=4).generate(batch)
+  for line, result in floats.items():
+    theirs = ints[line]
+    assert theirs["finish_reason"] == "length"
+    agree = [a == b for a, b in zip(result["tokens"], theirs["tokens"])]
+    first = agree.index(False) if False in agree else len(agree)
+    assert first >= 2, (result["tokens"], theirs["tokens"])
+    np.testing.assert_allclose(theirs["logprobs"][:first], result["logprobs"][:first],
+                               atol=0.05)
+
+
+def test_the_int8_cache_takes_about_half_of_bfloat16(rng):
+  bf16 = dataclasses.replace(CONFIG, dtype="bfloat16", n_kv_heads=4, head_dim=128)
+  per_token = kv_cache.per_token_bytes
+  assert per_token(dataclasses.replace(bf16, kv_cache_dtype="int8")) < \
+      0.55 * per_token(bf16)
+  assert per_token(dataclasses.replace(bf16, kv_cache_dtype="float32")) == \
+      2 * per_token(bf16) - 4
+  with pytest.raises(ConfigError, match="kv_cache_dtype"):
+    dataclasses.replace(CONFIG, kv_cache_dtype="fp4")
+
+
+def test_a_float32_checkpoint_loads_as_bfloat16(tmp_path, single_device_mesh):
+  """Parameters read as stored (their checksums verified) and cast to the target dtype."""
+  model = transformer.create(CONFIG, single_device_mesh, seed=1)
+  params = nnx.to_pure_dict(nnx.state(model))
+  step_dir = str(tmp_path / "checkpoints" / "0")
+  checkpoint.save_params(step_dir, params, {"config": {"model": CONFIG.to_dict()}})
+  bf16 = dataclasses.replace(CONFIG, param_dtype="bfloat16")
+  _, targets = transformer.abstract_params(bf16, single_device_mesh)
+  loaded, _ = checkpoint.load_params(step_dir, targets)
+  for got, original in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(original.astype(jnp.bfloat16)))
+
+
+def test_serve_dtype_sets_the_precision(single_device_mesh):
+  config = base.get_config()
+  fields = loading.serving_precision(config, set(), {"dtype": "float32"}, single_device_mesh)
+  # bf16 by default; on CPU its cache stays float32 (XLA:CPU's bf16 cache writes)
+  assert fields == {"dtype": "bfloat16", "param_dtype": "bfloat16", "kv_cache_dtype": "float32"}
+  assert loading.serving_precision(config, {"model.dtype"}, {"dtype": "float32"},
+                                   single_device_mesh) == {}
+  assert loading.serving_precision(config, set(), {"dtype": "float32", "kv_cache_dtype": "int8"},
+                                   single_device_mesh) == {"dtype": "bfloat16",
+                                                           "param_dtype": "bfloat16"}
+  config.serve.dtype = "float16"
+  with pytest.raises(ConfigError, match=r"serve.dtype='float16'"):
+    loading.serving_precision(config, set(), {}, single_device_mesh)
+
+
+SPECS = {  # every projection of the model: (spec, x shape, weight shape, weight name)
+    "wq": ("blm,mhd->blhd", (2, 3, 32), (32, 4, 8)),
+    "wo": ("blhd,hdm->blm", (2, 3, 4, 8), (4, 8, 32)),
+    "w_gate": ("blm,mf->blf", (2, 3, 32), (32, 48)),
+    "w_down": ("blf,fm->blm", (2, 3, 48), (48, 32)),
+    "lm_head": ("blm,vm->blv", (2, 3, 32), (64, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("activations", [False, True], ids=["weight-only", "dynamic"])
+def test_an_int8_projection_is_the_float_one_of_its_dequantized_weight(name, activations, rng):
+  """quantize.project against float64 einsum over values * scale: exact up to float32
+  sums with weight-only int8 (TPU/GPU); with the activations rounded per token too
+  (CPU), within int8's rounding of x."""
+  from model import quantize
+  spec, x_shape, w_shape = SPECS[name]
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = rng.standard_normal(w_shape).astype(np.float32) * rng.uniform(0.1, 3, w_shape[-1])
+  values, scale = quantize.quantize_weight(w, name)
+  weight = quantize.Int8Weight(values, scale, quantize.IN_AXES[name], activations=activations)
+  expected = np.einsum(spec, x.astype(np.float64), np.asarray(quantize.dequantize(weight),
+                                                              np.float64))
+  got = quantize.project(spec, jnp.asarray(x), weight)
+  assert got.shape == expected.shape and got.dtype == jnp.float32
+  assert _relative_error(got, expected) < (1e-2 if activations else 1e-6)
+  # and the weight's own rounding is visible against the float weight
+  assert _relative_error(np.einsum(spec, x, w), expected) > 1e-4
+
+
+def _float_checkpoint(tmp_path, mesh, config=CONFIG):
+  model = transformer.create(config, mesh, seed=5)
+  step_dir = str(tmp_path / "run" / "checkpoints" / "0")
+  checkpoint.save_params(step_dir, nnx.to_pure_dict(nnx.state(model)),
+                         {"config": {"model": config.to_dict()}})
+  return model, step_dir
+
+
+def test_a_float_checkpoint_served_with_int8_weights(tmp_path, single_device_mesh, rng):
+  """transformer.load with model.quantize=int8 reads a float checkpoint and rounds every
+  projection weight and the embedding to int8 with per-channel scales; its logits match
+  the float model's within the rounding, and the tied-to-nothing norms stay float."""
+  from model import quantize
+  model, step_dir = _float_checkpoint(tmp_path, single_device_mesh)
+  quantized, _ = transformer.load(step_dir, single_device_mesh, quantize="int8")
+  state = nnx.to_pure_dict(nnx.state(quantized))
+  layer = state["blocks"][0]
+  for module, name in [("attn", "wq"), ("attn", "wo"), ("mlp", "w_down")]:
+    assert layer[module][name].dtype == jnp.int8
+    values, scale = quantize.quantize_weight(getattr(getattr(model.blocks[0], module), name)[...],
+                                             name)
+    np.testing.assert_array_equal(layer[module][name], values)
+    np.testing.assert_allclose(layer[module][name + "_scale"], scale, rtol=1e-6)
+  assert state["embed"].dtype == jnp.int8 and state["lm_head_scale"].shape == (CONFIG.vocab_size,)
+  assert layer["attn_norm"]["scale"].dtype == jnp.float32
+  tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 24)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), tokens.shape)
+  expected = nnx.jit(lambda m: m(tokens, positions))(model)
+  got = nnx.jit(lambda m: m(tokens, positions))(quantized)
+  error = _relative_error(got, expected)
+  assert 1e-4 < error < 3e-2, error
+
+
+def test_an_int8_checkpoint_cannot_be_loaded_as_float(tmp_path, single_device_mesh):
+  config = dataclasses.replace(CONFIG, quantize="int8")
+  _float_checkpoint(tmp_path, single_device_mesh, config)
+  with pytest.raises(ConfigError, match="weights are int8"):
+    transformer.load(str(tmp_path / "run"), single_device_mesh, quantize="")
+  loaded, _ = transformer.load(str(tmp_path / "run"), single_device_mesh)
+  assert loaded.blocks[0].attn.wq[...].dtype == jnp.int8
