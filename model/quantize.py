@@ -83,6 +83,7 @@ def project(spec: str, x, weight: Int8Weight, out_dtype=None):
   """einsum(spec, x, weight) for an int8 weight (model/matmul.project's contract): float32
   sums, scaled, returned in `out_dtype` (default x.dtype). Shapes and shardings as the
   float projection."""
+  x, weight, spec = _merge_contracted(spec, x, weight)
   x_letters, w_letters, out_letters = _letters(spec)
   contracted = [letter for letter in x_letters if letter in w_letters]
   w_rest = "".join(letter for letter in w_letters if letter not in contracted)
@@ -97,6 +98,26 @@ def project(spec: str, x, weight: Int8Weight, out_dtype=None):
     product = jnp.einsum(spec, x, weight.values.astype(x.dtype),
                          preferred_element_type=jnp.float32)
   return (product.astype(jnp.float32) * scale).astype(out_dtype or x.dtype)
+
+
+def _merge_contracted(spec: str, x, weight: Int8Weight):
+  """(x, weight, spec) with the contracted dimensions merged into one when they are
+  adjacent and in the same order in both operands ("blhd,hdm->blm" -> "blc,cm->blm"):
+  XLA:CPU otherwise transposed wo's int8 values and copied them on every call."""
+  x_letters, w_letters, out_letters = _letters(spec)
+  contracted = "".join(letter for letter in x_letters if letter in w_letters)
+  if len(contracted) < 2 or contracted not in x_letters or contracted not in w_letters:
+    return x, weight, spec
+  merged = next(letter for letter in "cjnpqrstuz" if letter not in spec)
+  def merge(array, letters):
+    start = letters.index(contracted)
+    shape = array.shape[:start] + (-1,) + array.shape[start + len(contracted):]
+    return array.reshape(shape), letters.replace(contracted, merged)
+  x, x_letters = merge(x, x_letters)
+  values, w_letters = merge(weight.values, w_letters)
+  start = weight.in_axes[0]
+  weight = dataclasses.replace(weight, values=values, in_axes=(start,))
+  return x, weight, f"{x_letters},{w_letters}->{out_letters}"
 
 
 def _broadcast_to(array, letters: str, out_letters: str):
