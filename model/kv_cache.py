@@ -61,14 +61,10 @@ def write_layer(cache, layer: int, k, v, write) -> tuple:
     return (write(cache.keys[layer], k, ring.KEY_SLOTS),
             write(cache.values[layer], v, ring.VALUE_SLOTS), None, None)
   (k, k_scale), (v, v_scale) = int8.quantize(k, 2), int8.quantize(v, 3)
-  # The barrier: the cache written in place before attention reads it; left to itself,
-  # XLA:CPU fused the write into attention's int8 -> float32 conversion, which then read
-  # the old cache while the write wanted its buffer: a copy of the cache every step.
-  return jax.lax.optimization_barrier((
-      write(cache.keys[layer], k, ring.KEY_SLOTS),
-      write(cache.values[layer], v, ring.VALUE_SLOTS),
-      write(cache.key_scales[layer], k_scale, ring.SCALE_SLOTS),
-      write(cache.value_scales[layer], v_scale, ring.SCALE_SLOTS)))
+  return (write(cache.keys[layer], k, ring.KEY_SLOTS),
+          write(cache.values[layer], v, ring.VALUE_SLOTS),
+          write(cache.key_scales[layer], k_scale, ring.SCALE_SLOTS),
+          write(cache.value_scales[layer], v_scale, ring.SCALE_SLOTS))
 
 
 @jax.tree_util.register_dataclass
