@@ -104,20 +104,23 @@ def summary_rows(results: dict) -> list:
         "peer": "", "ratio": None, "percent_of_peak": 100 * row["mfu"], "memory": ""})
   decode = results["decode"]
   runs = decode["decode"]["runs"]
-  hf = runs["transformers"]
-  for name in ("ringlm_warm", "ringlm_cold"):
+  hf = runs["transformers_bf16"]
+  for name in [n for n in runs if n.startswith("ringlm_")]:
     ours = runs[name]
     match = decode["decode"]["tokens"][name]
+    variant, when = name[len("ringlm_"):].rsplit("_", 1)
     rows.append({
         "benchmark": "batch decode, end to end",
         "case": f"{decode['args']['prompts']} x {decode['args']['prompt_len']} -> "
-                f"{decode['args']['new_tokens']} greedy, {name.split('_')[1]} compilation cache",
+                f"{decode['args']['new_tokens']} greedy, ringlm {variant}, {when} compilation "
+                "cache",
         "ringlm": f"{ours['end_to_end_s']:.2f} s (decode {ours['decode_s']:.2f} s)",
-        "peer": f"transformers {hf['end_to_end_s']:.2f} s (decode {hf['decode_s']:.2f} s)",
+        "peer": f"transformers bf16 {hf['end_to_end_s']:.2f} s (decode {hf['decode_s']:.2f} s)",
         "ratio": hf["end_to_end_s"] / ours["end_to_end_s"],
         "percent_of_peak": ours["decode_percent_of_peak"],
         "memory": f"{_gib(ours['peak_rss_bytes'])} (peer {_gib(hf['peak_rss_bytes'])}); "
-                  f"tokens {'identical' if match['match'] else 'differ'}"})
+                  f"{ours['decode_percent_of_roofline']:.0f}% of the memory roofline; "
+                  f"{100 * match['agreement']:.0f}% of tokens as transformers fp32"})
   if "long" in decode:
     long = decode["long"]["rows"]
     ours, hf = long["ringlm"], long.get("transformers", {})

@@ -1,21 +1,29 @@
-"""Batch decoding, end to end: serve.py against transformers' generate on the same model.
+"""Batch decoding, end to end: serve.py in each precision against transformers' generate
+in fp32 and bf16, on the same model.
 
-  python -m bench.decode                # 32 prompts x 128 tokens -> 128 new, + a 16K prompt
-  python -m bench.decode --quick        # 4 x 16 -> 8 new, 2 layers, no 16K case (a smoke run)
+  python -m bench.decode                # 32 prompts x 128 tokens -> 128 new, an 8K-token
+                                        # prompt -> 128 new, and a 16K-token prefill
+  python -m bench.decode --quick        # 4 x 16 -> 8 new, 2 layers, no long cases
 
 A random Llama-shaped model (transformers' default init, seed 0; 512 wide, 8 layers,
 8 heads / 4 KV heads, MLP 1536, vocabulary 32000, ~58M parameters, float32, no EOS
 token so that every row generates exactly max_tokens) is saved with save_pretrained
 and converted with tools/convert_hf.py. Each side then runs as its own fresh process,
 timed around the subprocess (start-up, imports, loading and compilation included):
-  transformers  LlamaForCausalLM.generate, greedy, torch's default thread count
-                (`python -m bench.decode --hf_generate DIR REQUESTS OUT`)
-  ringlm cold   serve.py --cpu_devices=1, empty persistent compilation cache
-  ringlm warm   the same, reusing that cache (RINGLM_COMPILATION_CACHE)
-Greedy tokens are compared row by row (fp32 argmax ties can flip; reported, not hidden).
-Decode FLOP/s are given as % of the matmul peak measured in the same run on one device,
-next to the most the memory bandwidth allows (the roofline: the bytes decode must read,
-weights once a step and every row's keys and values, at the bandwidth of a large sum).
+  transformers fp32 / bf16   LlamaForCausalLM.generate, greedy, torch's default threads
+                             (`python -m bench.decode --hf_generate DIR REQUESTS OUT DTYPE`)
+  ringlm fp32 / bf16 / int8 / int8+kv8
+                             serve.py (one device) with --config.serve.dtype=float32, the
+                             default (bf16), --config.serve.quantize=int8, and that with
+                             --config.model.kv_cache_dtype=int8; each cold (an empty
+                             persistent compilation cache) and warm (reusing it)
+Greedy tokens: ringlm fp32 against transformers fp32 (argmax ties can flip; reported),
+the other precisions against ringlm fp32 (how far each row agrees).
+The decode phase is also put against the memory roofline: the bytes a step must read
+(the weights once, every row's filled cache) over the bandwidth measured in the same
+run; and its FLOP/s against the matmul peak.
+The 8K case: one 8192-token prompt -> 128 tokens, where the cache dominates: ringlm bf16
+(its cache float32 on CPU) and int8+kv8 against transformers bf16.
 The 16K case: one 16384-token prompt, max_tokens 1, serve.py on 8 devices with the
 cache sharded over the sequence, against one transformers forward (SDPA) of the prompt.
 Peak RSS of each child comes from /usr/bin/time. Prints tables and writes JSON.
@@ -35,8 +43,19 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEEDUP_TARGET = 1.25          # transformers end-to-end s / ringlm end-to-end s
-DECODE_TARGET_PERCENT = 60.0   # ringlm decode FLOP/s as % of the measured matmul peak
+# Targets (issue 18): ringlm bf16 end to end against transformers bf16, warm and cold;
+# the bf16 decode phase against the memory roofline; int8 weights + int8 cache against
+# transformers bf16's decode phase.
+SPEEDUP_TARGET_WARM, SPEEDUP_TARGET_COLD = 1.5, 1.2
+ROOFLINE_TARGET_PERCENT = 60.0
+INT8_DECODE_TARGET = 2.0
+VARIANTS = {  # ringlm's precisions: serve.py flags, bytes per weight, cache dtype on CPU
+    "fp32": (["--config.serve.dtype=float32"], 4, "float32"),
+    "bf16": ([], 2, "float32"),
+    "int8": (["--config.serve.quantize=int8"], 1, "float32"),
+    "int8_kv8": (["--config.serve.quantize=int8", "--config.model.kv_cache_dtype=int8"], 1,
+                 "int8"),
+}
 MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, intermediate_size=1536, vocab_size=32000,
              max_position_embeddings=32768)
@@ -70,17 +89,26 @@ def decode_flops(model: dict, prompt_lens: list, generated: list) -> float:
   return total
 
 
-def decode_bytes(model: dict, prompt_lens: list, generated: list) -> float:
-  """Bytes the decode phase reads at the least, in fp32: each step (the rows decode
-  together) reads the non-embedding weights once, and each row its keys and values:
-
-    4 * non_embedding_params * max(generated - 1)
-      + sum over rows and steps s: 4 * 2 * layers * kv_heads * head_dim * (prompt_len + s)
-  """
+def cache_bytes_per_token(model: dict, cache_dtype: str) -> int:
+  """Cache bytes of one token (all layers, keys and values; int8 with its float32
+  scales), as model/kv_cache.per_token_bytes counts them."""
   head_dim = model["hidden_size"] // model["num_attention_heads"]
-  per_slot = 4 * 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * head_dim
+  per_head = {"float32": 4 * head_dim, "bfloat16": 2 * head_dim, "int8": head_dim + 4}
+  return 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * per_head[cache_dtype]
+
+
+def decode_bytes(model: dict, prompt_lens: list, generated: list, weight_bytes: float = 4,
+                 cache_dtype: str = "float32") -> float:
+  """Bytes the decode phase reads at the least: each step (the rows decode together)
+  reads the non-embedding weights once (weight_bytes each: 4 fp32, 2 bf16, 1 int8, the
+  scales aside), and each row its filled cache:
+
+    weight_bytes * non_embedding_params * max(generated - 1)
+      + sum over rows and steps s: cache_bytes_per_token * (prompt_len + s)
+  """
+  per_slot = cache_bytes_per_token(model, cache_dtype)
   steps = max((count - 1 for count in generated), default=0)
-  total = 4.0 * non_embedding_params(model) * max(steps, 0)
+  total = float(weight_bytes) * non_embedding_params(model) * max(steps, 0)
   for prompt_len, count in zip(prompt_lens, generated):
     rows_steps = max(count - 1, 0)
     total += per_slot * (rows_steps * prompt_len + rows_steps * (rows_steps + 1) // 2)
@@ -95,9 +123,10 @@ def prefill_flops(model: dict, prompt_len: int) -> float:
 
 # --- the transformers side (child processes) --------------------------------------------
 
-def hf_generate(model_dir: str, requests_path: str, out_path: str) -> None:
-  """Greedy generate of every request in one batch; JSONL {id, tokens} to out_path and
-  one JSON line of timings to stdout."""
+def hf_generate(model_dir: str, requests_path: str, out_path: str,
+                dtype: str = "float32") -> None:
+  """Greedy generate of every request in one batch, in `dtype` (float32 | bfloat16);
+  JSONL {id, tokens} to out_path and one JSON line of timings to stdout."""
   start = time.perf_counter()
   import torch
   import transformers
@@ -110,7 +139,8 @@ def hf_generate(model_dir: str, requests_path: str, out_path: str) -> None:
   if len(lengths) != 1 or len(new) != 1:
     raise SystemExit("--hf_generate: prompts of one length and one max_tokens expected")
   new = new.pop()
-  model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      model_dir, dtype=getattr(torch, dtype)).eval()
   model.generation_config.eos_token_id = None  # exactly `new` tokens per row
   input_ids = torch.tensor([r["prompt_tokens"] for r in requests], dtype=torch.long)
   loaded = time.perf_counter()
@@ -262,20 +292,23 @@ def build_model(hf_dir: str, model: dict) -> int:
   return sum(p.numel() for p in hf_model.parameters())
 
 
-def compare_tokens(hf_rows: list, ringlm_rows: list) -> dict:
-  """Row-by-row equality of greedy tokens (by id)."""
-  ringlm = {row["id"]: row for row in ringlm_rows}
-  mismatches = []
-  for row in hf_rows:
-    theirs = ringlm.get(row["id"], {}).get("tokens") or []
+def compare_tokens(reference_rows: list, rows: list) -> dict:
+  """Row-by-row equality of greedy tokens (by id), and how far each row agrees."""
+  theirs_by_id = {row["id"]: row for row in rows}
+  mismatches, agreed, total = [], 0, 0
+  for row in reference_rows:
+    theirs = theirs_by_id.get(row["id"], {}).get("tokens") or []
+    position = next((i for i, (a, b) in enumerate(zip(row["tokens"], theirs)) if a != b),
+                    min(len(row["tokens"]), len(theirs)))
+    agreed, total = agreed + position, total + len(row["tokens"])
     if theirs != row["tokens"]:
-      position = next((i for i, (a, b) in enumerate(zip(row["tokens"], theirs)) if a != b),
-                      min(len(row["tokens"]), len(theirs)))
       mismatches.append({"id": row["id"], "first_mismatch": position,
-                         "hf_len": len(row["tokens"]), "ringlm_len": len(theirs)})
+                         "reference_len": len(row["tokens"]), "len": len(theirs)})
   first = min(mismatches, key=lambda m: m["first_mismatch"], default=None)
-  return {"rows": len(hf_rows), "mismatched_rows": len(mismatches), "match": not mismatches,
-          "first_mismatch": first, "mismatches": mismatches}
+  return {"rows": len(reference_rows), "mismatched_rows": len(mismatches),
+          "match": not mismatches, "first_mismatch": first, "mismatches": mismatches,
+          # tokens before each row's first difference, over all tokens
+          "agreement": agreed / max(total, 1)}
 
 
 def run_ringlm(name, checkpoint, requests, out, workdir, serve_args, cpu_devices, env):
@@ -290,63 +323,103 @@ def run_ringlm(name, checkpoint, requests, out, workdir, serve_args, cpu_devices
   return run
 
 
+def run_transformers(name, args, requests, workdir, dtype):
+  out = os.path.join(workdir, f"{name}-results.jsonl")
+  run = run_child(name, [sys.executable, "-m", "bench.decode", "--hf_generate", args.hf_dir,
+                         requests, out, dtype], workdir)
+  _check(run)
+  run["report"] = _last_json(run["stdout"])
+  return run, _read_jsonl(out)
+
+
+def _measure(run, rows, model, prompt_lens, peak, bandwidth, weight_bytes, cache_dtype):
+  """Decode-phase figures of a run: FLOP/s against the matmul peak, bytes read against
+  the memory bandwidth (the roofline), tokens/s; the stdout/stderr dropped."""
+  generated = [len(row["tokens"]) for row in rows]
+  flops = decode_flops(model, prompt_lens, generated)
+  nbytes = decode_bytes(model, prompt_lens, generated, weight_bytes, cache_dtype)
+  decode_tokens = sum(max(g - 1, 0) for g in generated)
+  report = run["report"]
+  decode_s = report.get("decode_s") or decode_tokens / report["decode_tokens_per_s"]
+  run.update(generated_tokens=sum(generated), decode_s=decode_s, decode_flops=flops,
+             decode_flops_per_s=flops / decode_s,
+             decode_percent_of_peak=100 * flops / decode_s / peak,
+             decode_bytes=nbytes, decode_percent_of_roofline=100 * nbytes / decode_s / bandwidth,
+             decode_tokens_per_s=decode_tokens / decode_s,
+             prefill_s=_prefill_s(report), compile_s=report.get("compile_s"),
+             load_s=report.get("load_s"), start_s=report.get("start_s", report.get("import_s")))
+  run.pop("stdout", None)
+  run.pop("stderr", None)
+  print(f"  {run['name']:<20} {run['end_to_end_s']:7.2f} s end to end, decode "
+        f"{decode_s:6.2f} s ({run['decode_percent_of_roofline']:4.1f}% of the memory roofline)",
+        flush=True)
+
+
 def decode_case(args, workdir, model, peak, bandwidth) -> dict:
-  """32 x 128 -> 128 (or --quick's sizes): transformers, ringlm cold, ringlm warm."""
+  """32 x 128 -> 128 (or --quick's sizes): transformers fp32 and bf16, then ringlm in each
+  precision of --variants, cold and warm."""
   requests = os.path.join(workdir, "requests.jsonl")
   prompts = write_requests(requests, args.prompts, args.prompt_len, args.new_tokens,
                            model["vocab_size"])
-  runs = {}
-  print(f"transformers generate ({args.prompts} x {args.prompt_len} -> {args.new_tokens})",
-        flush=True)
-  hf_out = os.path.join(workdir, "hf-results.jsonl")
-  hf = run_child("transformers", [sys.executable, "-m", "bench.decode", "--hf_generate",
-                                  args.hf_dir, requests, hf_out], workdir)
-  _check(hf)
-  hf["report"] = _last_json(hf["stdout"])
-  runs["transformers"] = hf
-  hf_rows = _read_jsonl(hf_out)
-
-  cache = os.path.join(workdir, "jax-cache")
-  shutil.rmtree(cache, ignore_errors=True)
-  os.makedirs(cache)
-  env = _child_env(RINGLM_COMPILATION_CACHE=cache)
-  ringlm_rows = {}
-  for name in ("ringlm_cold", "ringlm_warm"):
-    print(f"{name.replace('_', ' ')}: serve.py --cpu_devices=1", flush=True)
-    out = os.path.join(workdir, f"{name}-results.jsonl")
-    runs[name] = run_ringlm(name, args.ringlm_dir, requests, out, workdir,
-                            shlex.split(args.serve_args), 1, env)
-    ringlm_rows[name] = _read_jsonl(out)
-  runs["ringlm_warm"]["cache_entries"] = len(os.listdir(cache))
-
   prompt_lens = [len(p) for p in prompts]
-  for name, run in runs.items():
-    rows = hf_rows if name == "transformers" else ringlm_rows[name]
-    generated = [len(row["tokens"]) for row in rows]
-    flops = decode_flops(model, prompt_lens, generated)
-    decode_tokens = sum(max(g - 1, 0) for g in generated)
-    report = run["report"]
-    decode_s = report.get("decode_s") or decode_tokens / report["decode_tokens_per_s"]
-    run.update(generated_tokens=sum(generated), decode_s=decode_s, decode_flops=flops,
-               decode_flops_per_s=flops / decode_s,
-               decode_percent_of_peak=100 * flops / decode_s / peak,
-               decode_tokens_per_s=decode_tokens / decode_s,
-               prefill_s=_prefill_s(report), compile_s=report.get("compile_s"))
-    del run["stdout"], run["stderr"]
-    print(f"  {name:<13} {run['end_to_end_s']:7.1f} s end to end, decode "
-          f"{run['decode_flops_per_s'] / 1e9:6.1f} GFLOP/s "
-          f"({run['decode_percent_of_peak']:4.1f}% of peak)", flush=True)
-  tokens = {name: compare_tokens(hf_rows, ringlm_rows[name]) for name in ringlm_rows}
-  # The roofline: decode cannot run faster than its bytes stream from memory.
-  generated = [len(row["tokens"]) for row in hf_rows]
-  flops, nbytes = decode_flops(model, prompt_lens, generated), decode_bytes(
-      model, prompt_lens, generated)
-  attainable = min(peak, flops / (nbytes / bandwidth))
-  roofline = {"memory_bandwidth_bytes_per_s": bandwidth, "decode_bytes": nbytes,
-              "decode_flops": flops, "flops_per_byte": flops / nbytes,
-              "attainable_percent_of_peak": 100 * attainable / peak}
+  runs, rows = {}, {}
+  print(f"{args.prompts} x {args.prompt_len} -> {args.new_tokens}", flush=True)
+  for dtype, tag in (("float32", "fp32"), ("bfloat16", "bf16")):
+    name = f"transformers_{tag}"
+    runs[name], rows[name] = run_transformers(name, args, requests, workdir, dtype)
+    _measure(runs[name], rows[name], model, prompt_lens, peak, bandwidth,
+             4 if tag == "fp32" else 2, "float32" if tag == "fp32" else "bfloat16")
+
+  for variant in args.variants:
+    flags, weight_bytes, cache_dtype = VARIANTS[variant]
+    cache = os.path.join(workdir, f"jax-cache-{variant}")
+    os.makedirs(cache)
+    env = _child_env(RINGLM_COMPILATION_CACHE=cache)
+    for when in ("cold", "warm"):
+      name = f"ringlm_{variant}_{when}"
+      out = os.path.join(workdir, f"{name}-results.jsonl")
+      runs[name] = run_ringlm(name, args.ringlm_dir, requests, out, workdir,
+                              flags + shlex.split(args.serve_args), 1, env)
+      rows[name] = _read_jsonl(out)
+      _measure(runs[name], rows[name], model, prompt_lens, peak, bandwidth, weight_bytes,
+               cache_dtype)
+
+  reference = "ringlm_fp32_warm" if "fp32" in args.variants else None
+  tokens = {}
+  for name in rows:
+    if name.startswith("ringlm_"):
+      tokens[name] = compare_tokens(rows["transformers_fp32"], rows[name])
+      if reference and name != reference:
+        tokens[name]["vs_ringlm_fp32"] = compare_tokens(rows[reference], rows[name])
+  tokens["transformers_bf16"] = compare_tokens(rows["transformers_fp32"],
+                                               rows["transformers_bf16"])
   return {"runs": runs, "tokens": tokens, "prompt_len": args.prompt_len,
-          "prompts": args.prompts, "new_tokens": args.new_tokens, "roofline": roofline}
+          "prompts": args.prompts, "new_tokens": args.new_tokens,
+          "memory_bandwidth_bytes_per_s": bandwidth}
+
+
+def long_decode_case(args, workdir, model, peak, bandwidth) -> dict:
+  """One --long_decode_len-token prompt -> 128 new tokens: the cache dominates what a
+  step reads. ringlm bf16 and int8+kv8 on one device against transformers bf16."""
+  length, new = args.long_decode_len, 128
+  requests = os.path.join(workdir, "long-decode.jsonl")
+  write_requests(requests, 1, length, new, model["vocab_size"], seed=2)
+  runs = {}
+  print(f"one {length}-token prompt -> {new}", flush=True)
+  name = "transformers_bf16"
+  runs[name], hf_rows = run_transformers(f"long_{name}", args, requests, workdir, "bfloat16")
+  _measure(runs[name], hf_rows, model, [length], peak, bandwidth, 2, "bfloat16")
+  one_device = ["--config.serve.cache_sharding=batch", f"--config.serve.long_context={2 * length}"]
+  for variant in ("bf16", "int8_kv8"):
+    flags, weight_bytes, cache_dtype = VARIANTS[variant]
+    name = f"ringlm_{variant}"
+    out = os.path.join(workdir, f"long-{name}.jsonl")
+    runs[name] = run_ringlm(f"long_{name}", args.ringlm_dir, requests, out, workdir,
+                            flags + one_device + shlex.split(args.serve_args), 1, _child_env())
+    _measure(runs[name], _read_jsonl(out), model, [length], peak, bandwidth, weight_bytes,
+             cache_dtype)
+    runs[name]["cache_bytes"] = cache_bytes_per_token(model, cache_dtype) * (length + new)
+  return {"prompt_len": length, "new_tokens": new, "runs": runs}
 
 
 def long_case(args, workdir, model, peak) -> dict:
@@ -405,14 +478,22 @@ def long_case(args, workdir, model, peak) -> dict:
 
 def summarize(decode: dict) -> dict:
   runs = decode["runs"]
-  hf = runs["transformers"]["end_to_end_s"]
-  return {"speedup_cold": hf / runs["ringlm_cold"]["end_to_end_s"],
-          "speedup_warm": hf / runs["ringlm_warm"]["end_to_end_s"],
-          "speedup_target": SPEEDUP_TARGET,
-          "ringlm_decode_percent_of_peak_warm": runs["ringlm_warm"]["decode_percent_of_peak"],
-          "ringlm_decode_percent_of_peak_cold": runs["ringlm_cold"]["decode_percent_of_peak"],
-          "decode_target_percent": DECODE_TARGET_PERCENT,
-          "tokens_match": all(t["match"] for t in decode["tokens"].values())}
+  hf_bf16 = runs["transformers_bf16"]
+  summary = {"targets": {"speedup_warm": SPEEDUP_TARGET_WARM,
+                         "speedup_cold": SPEEDUP_TARGET_COLD,
+                         "roofline_percent": ROOFLINE_TARGET_PERCENT,
+                         "int8_decode_speedup": INT8_DECODE_TARGET}}
+  if "ringlm_bf16_warm" in runs:
+    summary.update(
+        speedup_warm=hf_bf16["end_to_end_s"] / runs["ringlm_bf16_warm"]["end_to_end_s"],
+        speedup_cold=hf_bf16["end_to_end_s"] / runs["ringlm_bf16_cold"]["end_to_end_s"],
+        bf16_decode_percent_of_roofline=runs["ringlm_bf16_warm"]["decode_percent_of_roofline"])
+  if "ringlm_int8_kv8_warm" in runs:
+    summary["int8_kv8_decode_speedup"] = (hf_bf16["decode_s"] /
+                                          runs["ringlm_int8_kv8_warm"]["decode_s"])
+  if "ringlm_fp32_warm" in decode["tokens"]:
+    summary["fp32_tokens_match_transformers"] = decode["tokens"]["ringlm_fp32_warm"]["match"]
+  return summary
 
 
 def _gib(run, key="peak_rss_bytes"):
@@ -423,36 +504,57 @@ def _s(value):
   return f"{value:.2f}" if value is not None else ""
 
 
+def _row(label, run):
+  return (f"| {label} | {run['end_to_end_s']:.2f} | {_s(run.get('start_s'))} | "
+          f"{_s(run.get('load_s'))} | {_s(run.get('compile_s'))} | {_s(run.get('prefill_s'))} | "
+          f"{run['decode_s']:.2f} | {run['decode_tokens_per_s']:.0f} | "
+          f"{run['decode_percent_of_roofline']:.1f} | {run['decode_percent_of_peak']:.1f} | "
+          f"{_gib(run)} |")
+
+
+HEADER = ["| side | end-to-end s | start s | load s | compile s | prefill s | decode s "
+          "| decode tok/s | % of memory roofline | % of matmul peak | peak RSS GiB |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
 def format_table(result, peak) -> str:
   decode, summary = result["decode"], result["summary"]
-  lines = [f"matmul peak (measured, one device): {peak / 1e9:.1f} GFLOP/s", "",
+  bandwidth = decode["memory_bandwidth_bytes_per_s"]
+  lines = [f"matmul peak (measured, one device): {peak / 1e9:.1f} GFLOP/s; memory bandwidth "
+           f"{bandwidth / 1e9:.1f} GB/s", "",
            f"{decode['prompts']} prompts x {decode['prompt_len']} tokens -> "
-           f"{decode['new_tokens']} new tokens each, greedy", "",
-           "| side | end-to-end s | compile s | prefill s | decode s | decode tok/s "
-           "| decode GFLOP/s | % of peak | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
+           f"{decode['new_tokens']} new tokens each, greedy", "", *HEADER]
   for name, run in decode["runs"].items():
-    lines.append(f"| {name.replace('_', ' ')} | {run['end_to_end_s']:.2f} | {_s(run['compile_s'])} "
-                 f"| {_s(run['prefill_s'])} | {run['decode_s']:.2f} | "
-                 f"{run['decode_tokens_per_s']:.0f} | {run['decode_flops_per_s'] / 1e9:.1f} | "
-                 f"{run['decode_percent_of_peak']:.1f} | {_gib(run)} |")
-  lines += ["", f"speedup (transformers / ringlm end to end): cold {summary['speedup_cold']:.2f}x,"
-                f" warm {summary['speedup_warm']:.2f}x (target >= {SPEEDUP_TARGET}x)",
-            f"ringlm decode: {summary['ringlm_decode_percent_of_peak_warm']:.1f}% of peak warm, "
-            f"{summary['ringlm_decode_percent_of_peak_cold']:.1f}% cold "
-            f"(target >= {DECODE_TARGET_PERCENT:.0f}%)"]
-  roofline = decode.get("roofline")
-  if roofline:
-    lines.append(f"decode roofline: {roofline['decode_bytes'] / 1e9:.1f} GB read at the least "
-                 f"({roofline['flops_per_byte']:.1f} FLOP/byte) at the measured "
-                 f"{roofline['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s allows at most "
-                 f"{roofline['attainable_percent_of_peak']:.0f}% of peak")
+    lines.append(_row(name.replace("_", " "), run))
+  targets = summary["targets"]
+  lines.append("")
+  if "speedup_warm" in summary:
+    lines += [f"ringlm bf16 against transformers bf16, end to end: warm "
+              f"{summary['speedup_warm']:.2f}x (target >= {targets['speedup_warm']}x), cold "
+              f"{summary['speedup_cold']:.2f}x (target >= {targets['speedup_cold']}x)",
+              f"ringlm bf16 decode: {summary['bf16_decode_percent_of_roofline']:.1f}% of the "
+              f"memory roofline (target >= {targets['roofline_percent']:.0f}%)"]
+  if "int8_kv8_decode_speedup" in summary:
+    lines.append(f"ringlm int8 weights + int8 cache decode against transformers bf16's: "
+                 f"{summary['int8_kv8_decode_speedup']:.2f}x (target >= "
+                 f"{targets['int8_decode_speedup']}x)")
   for name, tokens in decode["tokens"].items():
     first = tokens["first_mismatch"]
     where = (f", first at row {first['id']} position {first['first_mismatch']}"
              if first else "")
-    lines.append(f"greedy tokens, {name.replace('_', ' ')} vs transformers: "
-                 f"{tokens['rows'] - tokens['mismatched_rows']}/{tokens['rows']} rows identical"
-                 f"{where}")
+    line = (f"greedy tokens, {name.replace('_', ' ')} vs transformers fp32: "
+            f"{tokens['rows'] - tokens['mismatched_rows']}/{tokens['rows']} rows identical"
+            f"{where}; {100 * tokens['agreement']:.0f}% of tokens before a row differs")
+    if "vs_ringlm_fp32" in tokens:
+      line += (f"; vs ringlm fp32: {100 * tokens['vs_ringlm_fp32']['agreement']:.0f}%")
+    lines.append(line)
+  long_decode = result.get("long_decode")
+  if long_decode:
+    lines += ["", f"one {long_decode['prompt_len']}-token prompt -> "
+                  f"{long_decode['new_tokens']} new tokens (the cache dominates)", "", *HEADER]
+    for name, run in long_decode["runs"].items():
+      cache = (f" (cache {run['cache_bytes'] / 2**20:.0f} MiB)" if "cache_bytes" in run else "")
+      lines.append(_row(name.replace("_", " ") + cache, run))
   long = result.get("long")
   if long:
     lines += ["", f"one {long['prompt_len']}-token prompt, max_tokens 1", "",
@@ -474,7 +576,7 @@ def format_table(result, peak) -> str:
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
-  if argv[:1] == ["--hf_generate"] and len(argv) == 4:  # a child process (see above)
+  if argv[:1] == ["--hf_generate"] and len(argv) in (4, 5):  # a child process (see above)
     return hf_generate(*argv[1:])
   if argv[:1] == ["--hf_forward"] and len(argv) == 3:
     return hf_forward(*argv[1:])
@@ -486,7 +588,11 @@ def main(argv=None):
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"])
   parser.add_argument("--long_len", type=int, default=16384,
-                      help="the long-prompt case's length (0: skip it)")
+                      help="the long-prefill case's length (0: skip it)")
+  parser.add_argument("--long_decode_len", type=int, default=8192,
+                      help="the long-decode case's prompt length (0: skip it)")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"ringlm precisions to run, of {','.join(VARIANTS)}")
   parser.add_argument("--serve_args", default="",
                       help="extra serve.py flags, e.g. '--config.serve.decode_chunk=64'")
   parser.add_argument("--hf_memory_limit_gib", type=float, default=20.0,
@@ -496,9 +602,14 @@ def main(argv=None):
                       help="keep the models, requests and results here (must be new or empty)")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
   args = parser.parse_args(argv)
+  args.variants = [v for v in args.variants.split(",") if v]
+  unknown = sorted(set(args.variants) - set(VARIANTS))
+  if unknown:
+    parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
   if args.quick:
     args.prompts, args.prompt_len, args.new_tokens = 4, 16, 8
     args.layers, args.long_len, args.peak_size = 2, 0, 2048
+    args.long_decode_len = 0
   model = dict(MODEL, num_hidden_layers=args.layers)
 
   if args.workdir:
@@ -532,6 +643,8 @@ def main(argv=None):
 
     result = {"decode": decode_case(args, workdir, model, peak, bandwidth)}
     result["summary"] = summarize(result["decode"])
+    if args.long_decode_len:
+      result["long_decode"] = long_decode_case(args, workdir, model, peak, bandwidth)
     if args.long_len:
       result["long"] = long_case(args, workdir, model, peak)
   finally:

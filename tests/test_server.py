@@ -171,7 +171,8 @@ def test_openai_batch_lines_are_served_as_the_server_serves_them(checkpoint, cli
             json.dumps({"custom_id": "bad-field", "method": "POST", "url": "/v1/completions",
                         "body": {"prompt": "x", "max_tokens": "9"}}),
             json.dumps({"prompt": "import os\n", "max_tokens": 7})]
-  result, output = run_serve(checkpoint, [line.encode() + b"\n" for line in lines], tmp_path)
+  result, output = run_serve(checkpoint, [line.encode() + b"\n" for line in lines], tmp_path,
+                             "--config.serve.dtype=float32")  # as SERVER_FLAGS
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in output.read_text().splitlines()]
   served = [client.completions.create(model="run", **bodies["/v1/completions"]),

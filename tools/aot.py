@@ -188,8 +188,12 @@ def compile_serve_programs(config, named, devices, prompt_tokens: int, rows: int
   from serving.engine import Engine
 
   mesh, why = loading.choose_mesh(config, named, prompt_tokens + max_tokens, devices)
-  # as serving/loading.load_model: no remat without a backward pass
-  model_config = dataclasses.replace(ModelConfig.from_dict(config.model.to_dict()), remat="none")
+  # as serving/loading.load_model: no remat without a backward pass, serve.py's precision
+  # (serve.dtype, serve.quantize, model.kv_cache_dtype)
+  model_fields = config.model.to_dict()
+  model_config = dataclasses.replace(
+      ModelConfig.from_dict(model_fields), remat="none",
+      **loading.serving_precision(config, named, model_fields, mesh))
   mesh_lib.validate(model_config, mesh)
   graphdef, params = transformer.abstract_params(model_config, mesh,
                                                  AttentionConfig(**config.attention.to_dict()))

@@ -136,6 +136,9 @@ def to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30) -
   except FileNotFoundError as error:
     raise hf.ConversionError(f"--checkpoint: {error}") from None
   model_config = ModelConfig.from_dict(meta["config"]["model"])
+  if model_config.quantize:
+    raise hf.ConversionError(f"--checkpoint={checkpoint_dir} has int8 weights "
+                             "(tools/quantize.py); export the float checkpoint it came from")
   hf_config = hf.hf_config_from_model(model_config, meta["config"].get("hf"))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

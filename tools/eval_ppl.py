@@ -3,6 +3,8 @@
   python -m tools.eval_ppl --checkpoint=DIR --seq_len=256,1024 \\
       [--config.model.rope.scaling.type=linear --config.model.rope.scaling.factor=4] \\
       [--config.data.files=...] [--stride=256] [--max_tokens=100000] [--plot=ppl.png]
+      [--config.serve.dtype=bfloat16] [--config.serve.quantize=int8]
+      [--config.model.kv_cache_dtype=int8 --through_cache]
 
 Held-out data: the validation split of the checkpoint's own data files (or
 --config.data.files). Every length scores the same tokens: the first documents long
@@ -10,6 +12,9 @@ enough for the longest length, each in full, until --max_tokens. Within a docume
 windows of L tokens move by --stride (256 as in the Position Interpolation paper,
 after Press et al.); each token is scored once, in the first window that reaches it,
 so it sees at least L - stride tokens of context (all of them in the first window).
+The precision flags are serve.py's (evaluated in the checkpoint's own unless given);
+--through_cache scores the second half of each window through the KV cache as decode
+reads it (serving/scoring.CacheScorer), so that an int8 cache is measured too.
 Prints a table; the last stdout line is JSON {"results": [{"seq_len", "ppl",
 "tokens"}, ...]}; writes a PNG of perplexity against length.
 """
@@ -38,6 +43,9 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
   flags.DEFINE_string("plot", "", "PNG path (default: <run>/eval/ppl.png).")
   flags.DEFINE_string("label", "", "Curve label in the plot (default: the checkpoint).")
+  flags.DEFINE_bool("through_cache", False, "Score the second half of every window "
+                    "through the KV cache, token by token as serving decodes "
+                    "(model.kv_cache_dtype's rounding included).")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
   cli.define_flags()
@@ -100,7 +108,7 @@ def main(argv):
 
   from data import pipeline
   from model import checkpoint as ckpt_lib
-  from serving.scoring import Scorer
+  from serving.scoring import CacheScorer, Scorer
   from tools import evaluation
 
   config = FLAGS.config
@@ -126,7 +134,7 @@ def main(argv):
   if not chosen:
     cli.fail(f"no held-out document is longer than {max(lengths)} tokens; use shorter --seq_len "
          "or --config.data.files with longer documents")
-  scorer = Scorer(model, mesh)
+  scorer = (CacheScorer if FLAGS.through_cache else Scorer)(model, mesh)
   results = []
   for seq_len in tqdm(lengths, desc="eval_ppl", disable=None):
     ppl, count = perplexity(scorer, chosen, seq_len, min(FLAGS.stride, seq_len), FLAGS.batch_size)
