@@ -224,30 +224,49 @@ def test_the_preflight_refuses_what_cannot_be_laid_out():
   assert "without splitting a physical axis" in result.stderr
 
 
-def test_the_preflight_compiles_the_serving_programs(tmp_path):
-  """tools/aot.py --serve: serve.py's prefill and decode for 4 requests of 2000 prompt
-  tokens (a long prompt: the ring over the slice, as serve.py would choose), each a
-  table and an entry of the JSON line; the decode's KV cache counted; a training config
-  with remat compiles too."""
+def _serve_preflight(tmp_path, *flags):
   import json
   # remat as the real-size configs train (it broke the serving programs' trace)
   result = _aot("--config=configs/tiny.py", "--topology=v5e-8", "--serve",
                 "--config.model.n_layers=2", "--config.serve.long_context=1024",
                 "--config.model.remat=full",
                 "--prompt_tokens=2000", "--rows=4", "--max_tokens=32",
-                f"--dump_hlo={tmp_path}")
+                f"--dump_hlo={tmp_path}", *flags)
   assert result.returncode == 0, result.stderr[-3000:]
+  return result, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_preflight_compiles_the_serving_programs(tmp_path):
+  """tools/aot.py --serve: serve.py's prefill and decode for 4 requests of 2000 prompt
+  tokens (a long prompt: the ring over the slice, as serve.py would choose), each a
+  table and an entry of the JSON line; the decode's KV cache counted; a training config
+  with remat compiles too."""
+  result, report = _serve_preflight(tmp_path)
   assert "mesh sequence 8" in result.stdout and "serve decode" in result.stdout
-  report = json.loads(result.stdout.strip().splitlines()[-1])
   assert [p["name"] for p in report["programs"]] == ["prefill", "decode"]
   prefill, decode = report["programs"]
   assert prefill["fits"] and decode["fits"]
   # 4 rows x (2048 prompt slots + 32 of room) x 2 layers x K and V x 2 kv heads x 32 dims
-  # x 4 bytes, over a ring of 8.
-  assert decode["per_device"]["kv_cache"] >= 4 * 2080 * 2 * 2 * 2 * 32 * 4 // 8
+  # x 2 bytes (bf16, serve.dtype's default on TPU), over a ring of 8.
+  assert decode["per_device"]["kv_cache"] >= 4 * 2080 * 2 * 2 * 2 * 32 * 2 // 8
   for name in ("prefill", "decode"):
     assert 'custom_call_target="tpu_custom_call"' in (tmp_path / f"{name}.hlo").read_text() \
         or name == "decode"
+
+
+@pytest.mark.slow
+def test_int8_weights_and_cache_compile_for_tpu(tmp_path):
+  """The same programs with int8 weights and an int8 KV cache: XLA:TPU compiles them,
+  and the pre-flight's table shows the parameters and the cache shrink (int8 cache:
+  (32 + 4) bytes a head and token against bf16's 64)."""
+  _, bf16 = _serve_preflight(tmp_path / "bf16")
+  _, int8 = _serve_preflight(tmp_path / "int8", "--config.serve.quantize=int8",
+                             "--config.model.kv_cache_dtype=int8")
+  for before, after in zip(bf16["programs"], int8["programs"]):
+    assert after["fits"]
+    assert after["per_device"]["parameters"] < 0.6 * before["per_device"]["parameters"]
+  cache = lambda report: report["programs"][1]["per_device"]["kv_cache"]
+  assert abs(cache(int8) / cache(bf16) - 36 / 64) < 0.02
 
 
 def test_blocks_too_large_for_vmem_are_one_message():
