@@ -77,11 +77,6 @@ class KVCache:
   prompt_slots: int = dataclasses.field(metadata=dict(static=True))  # slots of the prompt
   key_scales: tuple = ()    # int8 cache: per layer [B, K, C] float32 (else empty)
   value_scales: tuple = ()
-  # Slots attended: the prompt's and the first `live - prompt_slots` decode slots, a
-  # multiple of the ring (0: all). Every device's local slots [0, live / N) then hold
-  # them (decode step t writes local slot prompt_slots / N + t // N), as ring.cache_attention
-  # expects. Static: each value is its own program (serving/engine.py buckets it).
-  live: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property
   def capacity(self) -> int:

@@ -161,7 +161,7 @@ class Attention(nnx.Module):
     else:  # one token per row at decode step cache.step
       write = lambda array, new, slot_axis: ring.cache_write(
           array, new, cache.step, cache.prompt_slots, slot_axis=slot_axis, mesh=self.mesh)
-      live = dict(live=cache.live)
+      live = {}
     layer_cache = kv_cache.write_layer(cache, layer, k, v, write)
     k_cache, v_cache, k_scale, v_scale = layer_cache
     out = ring.cache_attention(q, k_cache, v_cache, cache.positions, positions, mesh=self.mesh,

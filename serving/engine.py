@@ -14,7 +14,6 @@ decode, on any mesh.
   caller can compile while the checkpoint loads.
 """
 
-import dataclasses
 import functools
 import time
 
@@ -90,12 +89,10 @@ class Engine:
     return first, logprob, cache
 
   def _decode_fn(self, state, cache, token, position, done, generated, max_tokens, params, *,
-                 steps, sampling, live):
+                 steps, sampling):
     """Up to `steps` decode steps, stopping early when every row is done. Row i's
-    step feeds `token[i]` (at `position[i]`) and samples its next token. Attention reads
-    the first `live` slots (the prompt's and those decode has reached; `live_slots`)."""
+    step feeds `token[i]` (at `position[i]`) and samples its next token."""
     model = nnx.merge(self.graphdef, state)
-    cache = dataclasses.replace(cache, live=live)
     eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
     rows = token.shape[0]
 
@@ -115,20 +112,7 @@ class Engine:
     carry = (jnp.zeros((), jnp.int32), cache, token, position, done,
              jnp.zeros((rows, steps), jnp.int32), jnp.zeros((rows, steps), jnp.float32))
     steps_done, cache, _, _, _, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, carry)
-    return steps_done, dataclasses.replace(cache, live=0), out_tokens, out_logprobs
-
-  def live_slots(self, prompt_slots: int, room: int, steps_done: int) -> int:
-    """The slots a decode call starting after `steps_done` steps attends: the prompt's
-    plus the decode slots it can reach (steps_done + decode_chunk), rounded up to a
-    power of two, at most `room`: the filled part of the cache, not all of its room,
-    with a few programs per room (32 x 128 -> 128: 3 instead of 1)."""
-    reach = steps_done + self.decode_chunk
-    return prompt_slots + min(room, _bucket(reach, 1, self.ring))
-
-  def live_buckets(self, prompt_slots: int, room: int) -> list:
-    """Every `live_slots` value a request of this room goes through."""
-    return sorted({self.live_slots(prompt_slots, room, done)
-                   for done in range(0, room, self.decode_chunk)})
+    return steps_done, cache, out_tokens, out_logprobs
 
   def batches(self, requests: list) -> list:
     """[(prompt bucket, decode-room bucket, requests)]: batches of at most batch_size
@@ -151,9 +135,8 @@ class Engine:
         args, sampling, lengths = self._prefill_inputs(batch, prompt_len)
         _, _, cache = self._prefill_executable(args, room, sampling).out_info
         zeros = lambda dtype: np.zeros(len(lengths), dtype)
-        for live in self.live_buckets(prompt_len, room):
-          self._decode_executable(cache, zeros(np.int32), zeros(np.int32), zeros(bool),
-                                  zeros(np.int32), zeros(np.int32), args[-1], sampling, live)
+        self._decode_executable(cache, zeros(np.int32), zeros(np.int32), zeros(bool),
+                                zeros(np.int32), zeros(np.int32), args[-1], sampling)
       except Exception:  # noqa: BLE001 (generate compiles it again and reports the error
         continue         # on the batch's lines)
 
@@ -222,16 +205,15 @@ class Engine:
                          (("room", room), ("sampling", sampling)))
 
   def _decode_executable(self, cache, token, position, done, generated, max_tokens, params,
-                         sampling, live=0):
+                         sampling):
     """(decode executable, its arguments); the row arrays are [rows] numpy arrays, or
-    jax.ShapeDtypeStructs with their shardings (`compile_shapes`). `live`: the slots
-    attended (0: all)."""
+    jax.ShapeDtypeStructs with their shardings (`compile_shapes`)."""
     place = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else self._rows(x)
     args = (self.state, cache, *(place(x) for x in
                                  (token, position, done, generated, max_tokens)), params)
     return self._compile("decode", self._decode_fn, args,
-                         (("steps", self.decode_chunk), ("sampling", sampling),
-                          ("live", live)), donate=(1,)), args
+                         (("steps", self.decode_chunk), ("sampling", sampling)),
+                         donate=(1,)), args
 
   def compile_shapes(self, rows: int, prompt_len: int, max_tokens: int,
                      sampling: bool = False) -> dict:
@@ -275,11 +257,9 @@ class Engine:
     token, position = first.astype(np.int32), lengths.copy()
     generated = np.ones(size, np.int32)
     start, compile_start = time.perf_counter(), self.stats["compile_s"]
-    steps_done = 0
     while not done.all():
-      live = self.live_slots(prompt_len, room, steps_done)
       decode, args = self._decode_executable(cache, token, position, done, generated,
-                                             max_tokens, params, sampling, live)
+                                             max_tokens, params, sampling)
       steps, cache, out_tokens, out_logprobs = decode(*args)
       steps, out_tokens, out_logprobs = (int(steps), np.asarray(out_tokens),
                                          np.asarray(out_logprobs))
@@ -290,7 +270,6 @@ class Engine:
           done[i] = self._append(row, out_tokens[i, :steps].tolist(),
                                  out_logprobs[i, :steps].tolist())
       token, position, generated = out_tokens[:, steps - 1], position + steps, generated + steps
-      steps_done += steps
     self.stats["decode_s"] += (time.perf_counter() - start
                                - (self.stats["compile_s"] - compile_start))  # run time only
     self.stats["decode_tokens"] += sum(max(len(row.tokens) - 1, 0) for row in rows)
