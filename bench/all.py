@@ -104,23 +104,27 @@ def summary_rows(results: dict) -> list:
         "peer": "", "ratio": None, "percent_of_peak": 100 * row["mfu"], "memory": ""})
   decode = results["decode"]
   runs = decode["decode"]["runs"]
-  hf = runs["transformers_bf16"]
+  # (runs saved before 2026-12-06 had one transformers side, in fp32)
+  hf = runs.get("transformers_bf16", runs.get("transformers"))
   for name in [n for n in runs if n.startswith("ringlm_")]:
     ours = runs[name]
     match = decode["decode"]["tokens"][name]
-    variant, when = name[len("ringlm_"):].rsplit("_", 1)
+    variant, when = (name[len("ringlm_"):].rsplit("_", 1) if name.count("_") > 1
+                     else ("fp32", name[len("ringlm_"):]))
     rows.append({
         "benchmark": "batch decode, end to end",
         "case": f"{decode['args']['prompts']} x {decode['args']['prompt_len']} -> "
                 f"{decode['args']['new_tokens']} greedy, ringlm {variant}, {when} compilation "
                 "cache",
         "ringlm": f"{ours['end_to_end_s']:.2f} s (decode {ours['decode_s']:.2f} s)",
-        "peer": f"transformers bf16 {hf['end_to_end_s']:.2f} s (decode {hf['decode_s']:.2f} s)",
+        "peer": f"{hf['name'].replace('_', ' ')} {hf['end_to_end_s']:.2f} s "
+                f"(decode {hf['decode_s']:.2f} s)",
         "ratio": hf["end_to_end_s"] / ours["end_to_end_s"],
         "percent_of_peak": ours["decode_percent_of_peak"],
         "memory": f"{_gib(ours['peak_rss_bytes'])} (peer {_gib(hf['peak_rss_bytes'])}); "
-                  f"{ours['decode_percent_of_roofline']:.0f}% of the memory roofline; "
-                  f"{100 * match['agreement']:.0f}% of tokens as transformers fp32"})
+                  f"{ours.get('decode_percent_of_roofline', 0):.0f}% of the memory roofline; "
+                  f"{100 * match.get('agreement', float(match['match'])):.0f}% of tokens as "
+                  "transformers fp32"})
   if "long" in decode:
     long = decode["long"]["rows"]
     ours, hf = long["ringlm"], long.get("transformers", {})
