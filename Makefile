@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 GPU_AOT := $(VENV)/gpu-aot
 GPU_AOT_STAMP := $(GPU_AOT)/.installed
 
-.PHONY: demo ring-check test test-slow fault-check aot-check bench clean
+.PHONY: demo ring-check test test-slow fault-check aot-check bench quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.all
 	$(PY) -m bench.serve_load
+
+# What each serving precision costs in held-out perplexity (bf16, int8 weights, int8 KV
+# cache), the tiny model trained first (~10 min); JSON in bench/results.
+quality: $(STAMP)
+	$(PY) -m bench.quality
 
 # pytest exits 5 when it collected no tests: that is a failure here, said plainly.
 test: $(STAMP) $(GPU_AOT_STAMP)
