@@ -44,7 +44,6 @@ from parallel import int8
 # The input (contracted) axes of each quantized weight; its other axes are outputs.
 IN_AXES = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (0,), "w_up": (0,),
            "w_down": (0,), "lm_head": (1,), "embed": (1,)}
-QUANTIZE_TYPES = ("", "int8")
 
 
 @jax.tree_util.register_dataclass
@@ -102,8 +101,9 @@ def project(spec: str, x, weight: Int8Weight, out_dtype=None):
 
 def _merge_contracted(spec: str, x, weight: Int8Weight):
   """(x, weight, spec) with the contracted dimensions merged into one when they are
-  adjacent and in the same order in both operands ("blhd,hdm->blm" -> "blc,cm->blm"):
-  XLA:CPU otherwise transposed wo's int8 values and copied them on every call."""
+  adjacent and in the same order in both operands ("blhd,hdm->blm" -> "blc,cm->blm"),
+  as the float projection's dot sees them (unmerged, XLA:CPU's compiled decode
+  transposed and copied wo's int8 values on every call)."""
   x_letters, w_letters, out_letters = _letters(spec)
   contracted = "".join(letter for letter in x_letters if letter in w_letters)
   if len(contracted) < 2 or contracted not in x_letters or contracted not in w_letters:
