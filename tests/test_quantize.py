@@ -231,3 +231,53 @@ def test_scores_through_the_cache_equal_the_forwards(cache, single_device_mesh, 
   assert error < (2e-2 if cache else 1e-4), error
   if cache:
     assert error > 1e-6  # the int8 rounding is in the scores
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 4}], ids=["one", "seq4"])
+def test_continuous_batching_and_prefixes_with_an_int8_cache(mesh_sizes, rng):
+  """The HTTP engine (serving/slots.py) with an int8 KV cache: requests that join and
+  leave slots get the float model's log-probabilities within int8's rounding, and a
+  prefix served from the prefix cache (int8 values and scales kept) gives the same
+  tokens as prefilling it again."""
+  from serving.prefix_cache import PrefixCache
+  from serving.scheduler import Scheduler
+  from serving.slots import SlotEngine, chunk_sizes
+  from tests.test_serve import greedy_reference
+  from tests.test_slots import serve_all
+  devices = jax.devices()[:1] if mesh_sizes == {"data": 1} else jax.devices()[:4]
+  mesh = make_mesh(mesh_sizes, devices=devices)
+  float_model = transformer.create(CONFIG, mesh, seed=7)
+  model = transformer.create(dataclasses.replace(CONFIG, kv_cache_dtype="int8"), mesh, seed=7)
+  assert model.blocks[0].attn.wq[...].dtype == jnp.float32  # (only the cache is int8)
+  ring = mesh.shape["sequence"]
+  chunks = chunk_sizes(16, 32, ring)
+
+  def scheduler(prefix_cache=None):
+    engine = SlotEngine(model, mesh, slots=2, chunks=chunks, decode_steps=3, min_live=16,
+                        capacity=SlotEngine.capacity_for(64, chunks[-1], ring))
+    engine.reset()
+    assert engine.cache.keys[0].dtype == jnp.int8 and len(engine.cache.key_scales) == 2
+    return Scheduler(engine, prefix_cache=prefix_cache)
+
+  document = rng.integers(0, 256, 40).tolist()
+  first = Request(line=0, id=0, prompt_tokens=document + [7, 8, 9], max_tokens=4,
+                  logprobs=True)
+  second = Request(line=1, id=1, prompt_tokens=document + rng.integers(0, 256, 9).tolist(),
+                   max_tokens=6, logprobs=True)
+  other = Request(line=2, id=2, prompt_tokens=rng.integers(0, 256, 20).tolist(), max_tokens=5,
+                  logprobs=True)
+  cached = scheduler(PrefixCache(block=16, budget_bytes=1 << 30))
+  jobs = serve_all(cached, [first]) + serve_all(cached, [second, other])
+  assert [job.cached_tokens for job in jobs] == [0, 32, 0]
+  again = serve_all(scheduler(), [second])[0]
+  assert again.completion.tokens == jobs[1].completion.tokens
+  np.testing.assert_allclose(again.completion.logprobs, jobs[1].completion.logprobs, atol=1e-5)
+  for job in jobs:
+    expected, logprobs = greedy_reference(float_model, job.request.prompt_tokens,
+                                          job.request.max_tokens)
+    got = job.completion
+    agree = [a == b for a, b in zip(got.tokens, expected)] + [False]
+    first_difference = agree.index(False)
+    assert first_difference >= 2, (got.tokens, expected)
+    np.testing.assert_allclose(got.logprobs[:first_difference], logprobs[:first_difference],
+                               atol=0.05)
