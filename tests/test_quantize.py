@@ -80,7 +80,9 @@ def _requests(rng, count=3, max_tokens=6):
           for i, n in enumerate((5, 19, 30)[:count])]
 
 
-@pytest.mark.parametrize("axes", [{"data": 1}, {"sequence": 4}], ids=["one", "seq4"])
+@pytest.mark.parametrize("axes", [{"data": 1},
+                                  pytest.param({"sequence": 4}, marks=pytest.mark.slow)],
+                         ids=["one", "seq4"])
 def test_an_int8_cache_decodes_as_the_float_cache(axes, rng):
   """The batch engine with an int8 KV cache against the same parameters with a float32
   cache: the log-probabilities of the tokens the float cache chose agree within int8's
@@ -233,7 +235,9 @@ def test_scores_through_the_cache_equal_the_forwards(cache, single_device_mesh, 
     assert error > 1e-6  # the int8 rounding is in the scores
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 4}], ids=["one", "seq4"])
+@pytest.mark.parametrize("mesh_sizes", [{"data": 1},
+                                        pytest.param({"sequence": 4}, marks=pytest.mark.slow)],
+                         ids=["one", "seq4"])
 def test_continuous_batching_and_prefixes_with_an_int8_cache(mesh_sizes, rng):
   """The HTTP engine (serving/slots.py) with an int8 KV cache: requests that join and
   leave slots get the float model's log-probabilities within int8's rounding, and a
