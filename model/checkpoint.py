@@ -227,12 +227,9 @@ def load_meta(path: str) -> tuple[str, dict]:
 def check_param_shapes(step_dir: str, params_target) -> None:
   """Raises ValueError naming the first parameter whose stored shape differs from the
   target's (a checkpoint of another model shape, or of an older parameter layout)."""
-  name = _param_name
-  stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "params")
-  stored = {name(path): tuple(array.shape) for path, array in
-            jax.tree_util.tree_flatten_with_path(getattr(stored, "tree", stored))[0]}
+  stored = {name: tuple(array.shape) for name, array in _stored_arrays(step_dir).items()}
   for path, target in jax.tree_util.tree_flatten_with_path(params_target)[0]:
-    param, shape = name(path), tuple(target.shape)
+    param, shape = _param_name(path), tuple(target.shape)
     if param not in stored:
       raise ValueError(f"checkpoint {step_dir} has no parameter {param}")
     if stored[param] != shape:
@@ -255,10 +252,10 @@ def load_params(path: str, params_target, check_shapes: bool = True):
     check_param_shapes(step_dir, params_target)
   # Read as stored, since the checksums are of the stored bits; then cast to the
   # target's dtypes (serving a float32 checkpoint in bfloat16: model.param_dtype).
-  stored = _stored_dtypes(step_dir)
+  stored = _stored_arrays(step_dir)
   as_stored = jax.tree_util.tree_map_with_path(
       lambda path, target: jax.ShapeDtypeStruct(
-          target.shape, stored.get(_param_name(path), target.dtype),
+          target.shape, getattr(stored.get(_param_name(path)), "dtype", target.dtype),
           sharding=getattr(target, "sharding", None)), params_target)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
@@ -274,9 +271,10 @@ def _param_name(path) -> str:
   return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
-def _stored_dtypes(step_dir: str) -> dict:
-  """{"blocks/0/attn/wq": dtype, ...} of a checkpoint's stored parameters."""
+def _stored_arrays(step_dir: str) -> dict:
+  """{"blocks/0/attn/wq": its stored metadata (shape, dtype), ...} of a checkpoint's
+  parameters, nothing read but the metadata."""
   stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "params")
-  return {_param_name(path): array.dtype for path, array in
+  return {_param_name(path): array for path, array in
           jax.tree_util.tree_flatten_with_path(getattr(stored, "tree", stored))[0]}
 

@@ -24,12 +24,6 @@ import jax.numpy as jnp
 from model import quantize
 
 
-def _specs(spec: str) -> tuple[str, str, str]:
-  inputs, out = spec.replace(" ", "").split("->")
-  x, w = inputs.split(",")
-  return x, w, out
-
-
 def project(spec: str, x, weight, out_dtype=None):
   """einsum(spec, x, weight) in x.dtype with float32 accumulation, as `out_dtype`
   (`_project`); an int8 weight (model/quantize.Int8Weight) goes to quantize.project."""
@@ -59,7 +53,7 @@ def _project_fwd(spec, x, weight, out_dtype):
 
 def _project_bwd(spec, out_dtype, residuals, grad):
   x, weight = residuals
-  x_spec, w_spec, out_spec = _specs(spec)
+  x_spec, w_spec, out_spec = quantize.einsum_letters(spec)
   grad = grad.astype(x.dtype)
   grad_x = jnp.einsum(f"{out_spec},{w_spec}->{x_spec}", grad, weight.astype(x.dtype),
                       preferred_element_type=jnp.float32)

@@ -23,8 +23,9 @@ first. Measured here (32 rows x 512 x 32000, the head of bench/decode.py's model
 bf16 x bf16 1.7 ms, int8 converted to bf16 6.4 ms, int8 x int8 -> int32 0.8 ms. Hence
 the CPU path rounds the activations too; `Int8Weight.activations` says which.
 
-Serving only: nothing here has a gradient. `quantize_state` turns a float model's
-parameters into these; a checkpoint saved from them (tools/quantize.py) loads directly.
+Serving only: nothing here has a gradient. model/transformer.py's `_quantize_weights`
+turns a float model's parameters into these (at creation, or as a float checkpoint
+loads); a checkpoint saved from them (tools/quantize.py) loads directly.
 
 Why not qwix (Google's JAX quantization library, 0.1.8 on the package registry): its
 post-training quantization finds a layer's weight by tracing the dot's operand back to
@@ -72,7 +73,8 @@ def dequantize(weight: Int8Weight, dtype=jnp.float32):
   return (weight.values.astype(jnp.float32) * scale).astype(dtype)
 
 
-def _letters(spec: str):
+def einsum_letters(spec: str) -> tuple[str, str, str]:
+  """("blm", "mf", "blf") of a two-operand einsum spec "blm,mf->blf"."""
   inputs, out = spec.replace(" ", "").split("->")
   x, w = inputs.split(",")
   return x, w, out
@@ -83,7 +85,7 @@ def project(spec: str, x, weight: Int8Weight, out_dtype=None):
   sums, scaled, returned in `out_dtype` (default x.dtype). Shapes and shardings as the
   float projection."""
   x, weight, spec = _merge_contracted(spec, x, weight)
-  x_letters, w_letters, out_letters = _letters(spec)
+  x_letters, w_letters, out_letters = einsum_letters(spec)
   contracted = [letter for letter in x_letters if letter in w_letters]
   w_rest = "".join(letter for letter in w_letters if letter not in contracted)
   scale = _broadcast_to(weight.scale, w_rest, out_letters)
@@ -104,7 +106,7 @@ def _merge_contracted(spec: str, x, weight: Int8Weight):
   adjacent and in the same order in both operands ("blhd,hdm->blm" -> "blc,cm->blm"),
   as the float projection's dot sees them (unmerged, XLA:CPU's compiled decode
   transposed and copied wo's int8 values on every call)."""
-  x_letters, w_letters, out_letters = _letters(spec)
+  x_letters, w_letters, out_letters = einsum_letters(spec)
   contracted = "".join(letter for letter in x_letters if letter in w_letters)
   if len(contracted) < 2 or contracted not in x_letters or contracted not in w_letters:
     return x, weight, spec
