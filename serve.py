@@ -69,7 +69,7 @@ def define_flags():
                       "checkpoint's directory name).")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
-  cli.define_flags()
+  cli.define_flags(cpu_devices=None)  # as many as the chosen mesh uses (serve_batch)
 
 
 # --- command line ----------------------------------------------------------------------
@@ -143,6 +143,7 @@ def serve_http(config, named, *, step_dir, saved, max_context, tokenizer, eos_id
   from serving import loading, service, slots
   logging.getLogger("ringlm").setLevel(logging.INFO)
   try:
+    cli.set_cpu_devices(loading.cpu_devices_needed(config, named, max_context))
     mesh, mesh_reason = loading.choose_mesh(config, named, max_context, slots_split=False)
     service.http_mesh_check(mesh)
     shapes = loading.load_model(step_dir, config, named, mesh, max_context, abstract=True)[0]
@@ -173,6 +174,7 @@ def serve_http(config, named, *, step_dir, saved, max_context, tokenizer, eos_id
 def serve_batch(config, named, *, step_dir, saved, max_context, tokenizer, eos_ids,
                 chat_template, model_name, process_start, main_start) -> None:
   """Batch mode: --input's request lines to --output's result lines."""
+  import jax
   from tqdm import tqdm
 
   from core.errors import ConfigError
@@ -209,6 +211,7 @@ def serve_batch(config, named, *, step_dir, saved, max_context, tokenizer, eos_i
 
   longest = max((len(r.prompt_tokens) + r.max_tokens for r in requests), default=0)
   try:
+    cli.set_cpu_devices(loading.cpu_devices_needed(config, named, longest))
     mesh, mesh_reason = loading.choose_mesh(config, named, longest)
     shapes, _, _ = loading.load_model(step_dir, config, named, mesh, max_context,
                                       abstract=True)  # the parameters' shapes only
@@ -262,6 +265,7 @@ def serve_batch(config, named, *, step_dir, saved, max_context, tokenizer, eos_i
       "wall_s": time.perf_counter() - process_start,
       "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "mesh": dict(mesh.shape), "mesh_reason": mesh_reason,
+      "devices": jax.device_count(),  # of the process (virtual ones on CPU included)
   }
   cli.summary([
       f"served {len(requests)} of {len(lines)} request lines ({report['errors']} errors) on "

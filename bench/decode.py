@@ -312,8 +312,10 @@ def compare_tokens(reference_rows: list, rows: list) -> dict:
 
 
 def run_ringlm(name, checkpoint, requests, out, workdir, serve_args, cpu_devices, env):
+  """serve.py's batch mode; cpu_devices=None: its own choice, as a user's command."""
+  devices = [f"--cpu_devices={cpu_devices}"] if cpu_devices else []
   command = [sys.executable, "serve.py", f"--checkpoint={checkpoint}", f"--input={requests}",
-             f"--output={out}", f"--cpu_devices={cpu_devices}", *serve_args]
+             f"--output={out}", *devices, *serve_args]
   run = run_child(name, command, workdir, env)
   _check(run)
   run["report"] = _last_json(run["stderr"])
@@ -379,7 +381,7 @@ def decode_case(args, workdir, model, peak, bandwidth) -> dict:
       name = f"ringlm_{variant}_{when}"
       out = os.path.join(workdir, f"{name}-results.jsonl")
       runs[name] = run_ringlm(name, args.ringlm_dir, requests, out, workdir,
-                              flags + shlex.split(args.serve_args), 1, env)
+                              flags + shlex.split(args.serve_args), None, env)
       rows[name] = _read_jsonl(out)
       _measure(runs[name], rows[name], model, prompt_lens, peak, bandwidth, weight_bytes,
                cache_dtype)
@@ -415,7 +417,8 @@ def long_decode_case(args, workdir, model, peak, bandwidth) -> dict:
     name = f"ringlm_{variant}"
     out = os.path.join(workdir, f"long-{name}.jsonl")
     runs[name] = run_ringlm(f"long_{name}", args.ringlm_dir, requests, out, workdir,
-                            flags + one_device + shlex.split(args.serve_args), 1, _child_env())
+                            flags + one_device + shlex.split(args.serve_args), None,
+                            _child_env())
     _measure(runs[name], _read_jsonl(out), model, [length], peak, bandwidth, weight_bytes,
              cache_dtype)
     runs[name]["cache_bytes"] = cache_bytes_per_token(model, cache_dtype) * (length + new)

@@ -22,6 +22,8 @@ import sys
 
 from absl import flags
 
+from core import devices
+
 FLAGS = flags.FLAGS
 
 # Libraries whose INFO logs a user does not need (--verbose brings them back).
@@ -69,11 +71,14 @@ def named_fields(argv) -> set[str]:
   return {arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")}
 
 
-def define_flags(*, multihost: bool = False):
+def define_flags(*, multihost: bool = False, cpu_devices: int | None = devices.CPU_DEVICES):
   """--cpu_devices and --verbose (every program), and with `multihost` the flags of a
   job of several processes. Defined only by a program that runs (never at import), since
-  the programs' flags share names."""
-  flags.DEFINE_integer("cpu_devices", 8, "Virtual CPU devices (CPU backend only).")
+  the programs' flags share names. `cpu_devices=None`: the program sets the count itself
+  (`set_cpu_devices`) once it knows what it needs, before its first JAX call."""
+  flags.DEFINE_integer("cpu_devices", cpu_devices, "Virtual CPU devices (CPU backend only)"
+                       + ("" if cpu_devices else "; default: as many as the chosen mesh "
+                          "uses (one unless the ring is needed)") + ".")
   flags.DEFINE_bool("verbose", False, "Show the libraries' own logs (JAX, orbax, grain, "
                     "sentencepiece's trainer).")
   if multihost:
@@ -144,8 +149,21 @@ def start() -> set[str]:
       initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif FLAGS.distributed or (cluster and int(os.environ.get("SLURM_NTASKS", 2)) > 1):
       jax.distributed.initialize()
-  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  if FLAGS.cpu_devices is not None:
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   return named_fields(sys.argv)
+
+
+def set_cpu_devices(count: int) -> int:
+  """The virtual CPU devices of a program whose --cpu_devices has no default: `count`,
+  unless the command line gave one (which `start` set). Before JAX's first call (else
+  RuntimeError); calling it again with the same count changes nothing."""
+  import jax
+  if FLAGS.cpu_devices is not None:
+    return FLAGS.cpu_devices
+  if jax.config.jax_num_cpu_devices != count:
+    jax.config.update("jax_num_cpu_devices", count)
+  return count
 
 
 def summary(lines) -> None:

@@ -16,6 +16,7 @@ then saves that step again as if it had never been written. When every step is
 damaged, `restore_latest` raises DamagedCheckpoints instead of starting over silently.
 """
 
+import json
 import logging
 import os
 
@@ -217,11 +218,14 @@ def save_params(step_dir: str, params, meta: dict) -> None:
 
 
 def load_meta(path: str) -> tuple[str, dict]:
-  """(step directory, meta JSON) of the newest checkpoint under `path`, parameters unread."""
+  """(step directory, meta JSON) of the newest checkpoint under `path`, parameters unread.
+
+  Read as the file orbax's JsonSave wrote (<step>/meta/metadata), not through orbax,
+  whose restore asks JAX for the process index and so starts JAX's backends: serve.py
+  reads the meta before it knows how many virtual CPU devices to make."""
   step_dir = find_step_dir(path)
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  restored = checkpointer.restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-  return step_dir, restored["meta"]
+  with open(os.path.join(step_dir, "meta", "metadata")) as f:
+    return step_dir, json.load(f)
 
 
 def check_param_shapes(step_dir: str, params_target) -> None:

@@ -100,6 +100,8 @@ def test_eval_ppl_and_passkey(source, tmp_path):
   assert results[0]["tokens"] == results[1]["tokens"] > 1000  # the same tokens at each length
   assert all(1 < r["ppl"] < 1024 * 2 for r in results)
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # on CPU one device, and the process made no other (tools/evaluation.eval_devices)
+  assert json.loads(result.stdout.strip().splitlines()[-1])["devices"] == 1
 
   out = tmp_path / "passkey.json"
   result = run(["-m", "tools.eval_passkey", f"--checkpoint={source}", "--lengths=256,512",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from core import devices
 from serving.engine import Engine
 from serving.requests import Request
 from serving.sampling import sample
@@ -188,12 +189,14 @@ def checkpoint_dir(tmp_path_factory):
   return run
 
 
-def run_serve(checkpoint, lines, tmp_path, *extra):
+def run_serve(checkpoint, lines, tmp_path, *extra, cpu_devices=2):
+  """serve.py's batch mode on `lines`; cpu_devices=None: serve.py's own choice."""
   requests_path, output = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
   requests_path.write_bytes(b"".join(lines))
+  devices = [f"--cpu_devices={cpu_devices}"] if cpu_devices else []
   result = subprocess.run(
       [sys.executable, "serve.py", f"--checkpoint={checkpoint}", f"--input={requests_path}",
-       f"--output={output}", "--cpu_devices=2", *extra], cwd=ROOT,
+       f"--output={output}", *devices, *extra], cwd=ROOT,
       env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=600)
   return result, output
@@ -221,7 +224,7 @@ def test_bad_lines_get_errors_and_the_rest_is_served(checkpoint_dir, tmp_path):
   for bad in BAD_LINES:
     lines += [bad, b'{"id": "between", "prompt_tokens": [5, 6, 7], "max_tokens": 3}\n']
   lines.append(b'{"id": "last", "prompt": "import os\\n", "max_tokens": 30, "stop": ["\\n"]}\n')
-  result, output = run_serve(checkpoint_dir, lines, tmp_path)
+  result, output = run_serve(checkpoint_dir, lines, tmp_path, cpu_devices=None)
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in output.read_text().splitlines()]
   assert [r["line"] for r in records] == list(range(1, len(lines) + 1))
@@ -238,8 +241,10 @@ def test_bad_lines_get_errors_and_the_rest_is_served(checkpoint_dir, tmp_path):
   for key in ("prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "compile_s",
               "wall_s", "peak_memory_bytes"):
     assert report[key] > 0, key
-  # short requests on a CPU host: one device, and the report says why
+  # short requests on a CPU host: one device, and the report says why; the process made
+  # no other (an unused virtual device slowed decoding by a third)
   assert sorted(report["mesh"].values()) == [1, 1, 1, 1] and "one device" in report["mesh_reason"]
+  assert report["devices"] == 1
   assert "mesh: CPU and no request of serve.long_context=" in result.stdout
 
 
@@ -271,10 +276,11 @@ def test_a_checkpoint_without_tokenizer_serves_token_prompts(checkpoint_dir, tmp
 def test_a_long_request_puts_every_device_on_the_ring(checkpoint_dir, tmp_path):
   result, output = run_serve(
       checkpoint_dir, [b'{"prompt_tokens": [3, 4, 5, 6, 7], "max_tokens": 2}\n'], tmp_path,
-      "--config.serve.long_context=4")
+      "--config.serve.long_context=4", cpu_devices=None)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stderr.strip().splitlines()[-1])
-  assert report["mesh"]["sequence"] == 2 and len(json.loads(output.read_text())["tokens"]) == 2
+  assert report["mesh"]["sequence"] == report["devices"] == devices.CPU_DEVICES
+  assert len(json.loads(output.read_text())["tokens"]) == 2
   assert "a request of 7 tokens >= serve.long_context=4" in report["mesh_reason"]
 
 

@@ -32,7 +32,7 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
-  cli.define_flags()
+  cli.define_flags(cpu_devices=None)  # as many as the mesh uses (evaluation.eval_devices)
 
 
 FIRST_ID = 3  # sentencepiece's <unk>, <s>, </s> come first: the probe uses ids after them
@@ -66,14 +66,13 @@ def copy_losses(log_probs: np.ndarray, length: int) -> tuple[float, float]:
 def main(argv):
   del argv
   named = cli.start()
-  import jax
 
   from serving.scoring import Scorer
   from tools import evaluation
 
   if FLAGS.length < 2 or FLAGS.rows < 1:
     cli.fail("--length must be at least 2 and --rows at least 1")
-  multiple = 2 * jax.device_count()  # splits evenly on any ring
+  multiple = 2 * len(evaluation.eval_devices(FLAGS.config, named))  # splits on the ring
   mesh, model, _, _ = evaluation.open_checkpoint(
       FLAGS.checkpoint, FLAGS.config, named, [row_length(FLAGS.length, multiple)],
       with_tokenizer=False)

@@ -43,7 +43,7 @@ def define_flags():
                       "heatmap goes next to it).")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
-  cli.define_flags()
+  cli.define_flags(cpu_devices=None)  # as many as the mesh uses (evaluation.eval_devices)
 
 
 def heatmap(cells, lengths, depths, path, title):

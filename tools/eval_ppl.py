@@ -48,7 +48,7 @@ def define_flags():
                     "(model.kv_cache_dtype's rounding included).")
   config_flags.DEFINE_config_dict("config", base.get_config(),
                                   "Overrides of the checkpoint's config.")
-  cli.define_flags()
+  cli.define_flags(cpu_devices=None)  # as many as the mesh uses (evaluation.eval_devices)
 
 
 def windows(length_of_doc: int, seq_len: int, stride: int):
@@ -104,6 +104,7 @@ def plot(results, path, label):
 def main(argv):
   del argv
   named = cli.start()
+  import jax
   from tqdm import tqdm
 
   from data import pipeline
@@ -149,7 +150,8 @@ def main(argv):
                f"next: the same with --config.model.rope.scaling.type=yarn (or linear, ntk) "
                "to compare RoPE scalings; python -m tools.eval_passkey "
                f"--checkpoint={FLAGS.checkpoint} for retrieval"])
-  print(json.dumps({"results": results}))
+  print(json.dumps({"results": results, "mesh": dict(mesh.shape),
+                    "devices": len(jax.devices())}))  # of the process (virtual CPU ones too)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ The model, tokenizer and scoring themselves are the serving library's
 """
 
 import cli
+from core import devices as devices_lib
 from core.errors import ConfigError
 from model import checkpoint as ckpt_lib
 from parallel import mesh as mesh_lib
@@ -23,13 +24,17 @@ def mesh_sizes(config, named) -> dict:
   return dict(EVAL_MESH)
 
 
-def eval_devices(named):
+def eval_devices(config, named):
   """The devices an evaluation runs on: all of them, but one on a CPU host unless
   --config.mesh.* asks for more (virtual CPU devices share the cores and each holds a
-  copy of the parameters; serving measured one device at twice the speed of eight)."""
+  copy of the parameters). On CPU the process makes only those (cli.set_cpu_devices)
+  unless --cpu_devices says: an unused virtual device slows the used one too
+  (serving.loading.cpu_devices_needed)."""
   import jax
+  mesh_named = any(field.startswith("mesh.") for field in named)
+  cli.set_cpu_devices(devices_lib.for_mesh(config.mesh.to_dict()) if mesh_named else 1)
   devices = jax.devices()
-  if devices[0].platform == "cpu" and not any(field.startswith("mesh.") for field in named):
+  if devices[0].platform == "cpu" and not mesh_named:
     return devices[:1]
   return devices
 
@@ -45,7 +50,7 @@ def open_checkpoint(checkpoint: str, config, named: set[str], lengths: list[int]
     with config.unlocked():
       config.serve.dtype = ""
   try:
-    mesh = mesh_lib.make_mesh(mesh_sizes(config, named), eval_devices(named))
+    mesh = mesh_lib.make_mesh(mesh_sizes(config, named), eval_devices(config, named))
     model, saved, files = loading.load_model(checkpoint, config, named, mesh, max(lengths))
     for length in lengths:  # ("data.seq_len" in the messages: the tool's lengths here)
       mesh_lib.validate(model.config, mesh, seq_len=length)
