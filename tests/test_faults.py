@@ -100,7 +100,7 @@ DAMAGE = {"flipped bytes": flip_bytes, "truncated array": truncate_array,
 
 
 @pytest.mark.parametrize("damage", [
-    "flipped bytes", *(pytest.param(name, marks=pytest.mark.slow) for name in list(DAMAGE)[1:])])
+    *(pytest.param(name, marks=pytest.mark.slow) for name in DAMAGE)])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_saved_again(finished, tmp_path, damage):
   workdir = copy_run(finished[0], tmp_path)
   DAMAGE[damage](os.path.join(workdir, "checkpoints", "8"))

@@ -111,7 +111,8 @@ def test_bfloat16_compute_is_close_to_float32(single_device_mesh, single_device_
     assert error < 3e-2, (jax.tree_util.keystr(path), error)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tied", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["untied", "tied"])
 def test_head_in_chunks_gives_the_same_loss_and_gradients(tied):
   """model.head_chunk: the loss's log-probabilities and every gradient equal those of the
   whole [B, L, V] logits, on data 2 x ring 2 x tensor 2 in zigzag order (8 tokens per

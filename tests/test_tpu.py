@@ -269,6 +269,7 @@ def test_int8_weights_and_cache_compile_for_tpu(tmp_path):
   assert abs(cache(int8) / cache(bf16) - 36 / 64) < 0.02
 
 
+@pytest.mark.slow  # ~35 s of Mosaic compiles
 def test_blocks_too_large_for_vmem_are_one_message():
   """Mosaic refuses 4096 x 4096 blocks on v5e (16 MiB of scoped VMEM): the pre-flight
   says which fields and what fits, without a traceback."""

@@ -71,6 +71,7 @@ def test_loss_falls_on_the_real_corpus(tmp_path):
   assert any(name.startswith("events.out.tfevents") for name in events)
 
 
+@pytest.mark.slow  # make fault-check (~50 s)
 def test_resume_after_kill_gives_identical_losses(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   args = [sys.executable, "train.py", f"--workdir={workdir}", *FAST, "--config.train.steps=12",

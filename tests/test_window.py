@@ -102,7 +102,8 @@ def test_batch_engine_generates_transformers_tokens(mistral, hf_greedy, mesh_siz
 
 @pytest.mark.parametrize("rolling", [
     True, pytest.param(False, marks=pytest.mark.slow)], ids=["rolling", "whole"])
-@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 8}], ids=["one", "seq8"])
+@pytest.mark.parametrize("mesh_sizes", [  # the ring: tests/test_slots.py's seq8 cases
+    {"data": 1}, pytest.param({"sequence": 8}, marks=pytest.mark.slow)], ids=["one", "seq8"])
 def test_continuous_batching_generates_transformers_tokens(mistral, hf_greedy, mesh_sizes,
                                                            rolling):
   """The HTTP server's engine; with a rolling cache of 47-48 slots a row keeps only the
