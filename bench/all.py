@@ -158,7 +158,11 @@ def summary_rows(results: dict) -> list:
 
 def _machine_line(results: dict) -> str:
   machine = results["attention"]["machine"]
-  peaks = ", ".join(f"{name} {results[name]['matmul']['peak_flops'] / 1e9:.0f}"
+  def peak(matmul):  # decode's since 2026-12-06: one per compute dtype
+    if "peak_flops" in matmul:
+      return f"{matmul['peak_flops'] / 1e9:.0f}"
+    return " / ".join(f"{m['peak_flops'] / 1e9:.0f} ({dtype})" for dtype, m in matmul.items())
+  peaks = ", ".join(f"{name} {peak(results[name]['matmul'])}"
                     for name in ("attention", "train", "decode") if "matmul" in results[name])
   return (f"Machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} "
           f"({machine['backend']}). Matmul peak measured in each benchmark's process "

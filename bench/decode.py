@@ -335,7 +335,8 @@ def run_transformers(name, args, requests, workdir, dtype):
 
 
 def _measure(run, rows, model, prompt_lens, peak, bandwidth, weight_bytes, cache_dtype):
-  """Decode-phase figures of a run: FLOP/s against the matmul peak, bytes read against
+  """Decode-phase figures of a run: FLOP/s against the matmul peak of its compute dtype
+  (`peak`: {"float32", "bfloat16"} -> FLOP/s; int8 runs count as bf16), bytes read against
   the memory bandwidth (the roofline), tokens/s; the stdout/stderr dropped."""
   generated = [len(row["tokens"]) for row in rows]
   flops = decode_flops(model, prompt_lens, generated)
@@ -343,6 +344,7 @@ def _measure(run, rows, model, prompt_lens, peak, bandwidth, weight_bytes, cache
   decode_tokens = sum(max(g - 1, 0) for g in generated)
   report = run["report"]
   decode_s = report.get("decode_s") or decode_tokens / report["decode_tokens_per_s"]
+  peak = peak["float32" if weight_bytes == 4 else "bfloat16"]  # the compute dtype's
   run.update(generated_tokens=sum(generated), decode_s=decode_s, decode_flops=flops,
              decode_flops_per_s=flops / decode_s,
              decode_percent_of_peak=100 * flops / decode_s / peak,
@@ -523,8 +525,9 @@ HEADER = ["| side | end-to-end s | start s | load s | compile s | prefill s | de
 def format_table(result, peak) -> str:
   decode, summary = result["decode"], result["summary"]
   bandwidth = decode["memory_bandwidth_bytes_per_s"]
-  lines = [f"matmul peak (measured, one device): {peak / 1e9:.1f} GFLOP/s; memory bandwidth "
-           f"{bandwidth / 1e9:.1f} GB/s", "",
+  lines = [f"matmul peak (measured, one device): float32 {peak['float32'] / 1e9:.1f}, bfloat16 "
+           f"{peak['bfloat16'] / 1e9:.1f} GFLOP/s (a run's % is of its compute dtype's); "
+           f"memory bandwidth {bandwidth / 1e9:.1f} GB/s", "",
            f"{decode['prompts']} prompts x {decode['prompt_len']} tokens -> "
            f"{decode['new_tokens']} new tokens each, greedy", "", *HEADER]
   for name, run in decode["runs"].items():
@@ -638,10 +641,14 @@ def main(argv=None):
     jax.config.update("jax_num_cpu_devices", 1)
     from bench.common import machine, matmul_peak, memory_bandwidth, write_json
     from parallel.mesh import make_mesh
-    peaks = matmul_peak(make_mesh({"data": 1}, devices=jax.devices()[:1]), size=args.peak_size)
-    peak = peaks["peak_flops"]
+    one = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    # bf16 x bf16 -> f32 runs ~4x float32's on AMX: each run against its compute dtype's
+    peaks = {name: matmul_peak(one, size=args.peak_size, dtype=name) for name in
+             ("float32", "bfloat16")}
+    peak = {name: value["peak_flops"] for name, value in peaks.items()}
     bandwidth = memory_bandwidth()
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s",
+    print(f"matmul peak: float32 {peak['float32'] / 1e9:.1f}, bfloat16 "
+          f"{peak['bfloat16'] / 1e9:.1f} GFLOP/s; memory bandwidth {bandwidth / 1e9:.1f} GB/s",
           flush=True)
 
     result = {"decode": decode_case(args, workdir, model, peak, bandwidth)}
@@ -649,7 +656,7 @@ def main(argv=None):
     if args.long_decode_len:
       result["long_decode"] = long_decode_case(args, workdir, model, peak, bandwidth)
     if args.long_len:
-      result["long"] = long_case(args, workdir, model, peak)
+      result["long"] = long_case(args, workdir, model, peak["bfloat16"])
   finally:
     if cleanup is not None:
       cleanup.cleanup()
