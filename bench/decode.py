@@ -429,18 +429,20 @@ def long_decode_case(args, workdir, model, peak, bandwidth) -> dict:
 
 def long_case(args, workdir, model, peak) -> dict:
   """One 16K-token prompt, max_tokens 1: ringlm on 8 devices (sequence-sharded cache)
-  against a transformers SDPA forward."""
+  against a transformers SDPA forward, both float32 (`peak`: the float32 matmul's)."""
   length = args.long_len
   requests = os.path.join(workdir, "long-request.jsonl")
   write_requests(requests, 1, length, 1, model["vocab_size"], seed=1)
   flops = prefill_flops(model, length)
   rows = {}
-  print(f"{length}-token prompt: serve.py --cpu_devices=8 --config.serve.cache_sharding=sequence",
-        flush=True)
+  print(f"{length}-token prompt: serve.py --cpu_devices=8 --config.serve.cache_sharding=sequence "
+        "--config.serve.dtype=float32", flush=True)
   out = os.path.join(workdir, "long-ringlm.jsonl")
   try:
     run = run_ringlm("long_ringlm", args.ringlm_dir, requests, out, workdir,
-                     shlex.split(args.serve_args) + ["--config.serve.cache_sharding=sequence"],
+                     shlex.split(args.serve_args) + ["--config.serve.cache_sharding=sequence",
+                                                     # transformers' forward is float32
+                                                     "--config.serve.dtype=float32"],
                      8, _child_env())
     report = run["report"]
     run.update(prefill_s=_prefill_s(report), compile_s=report.get("compile_s"),
@@ -656,7 +658,7 @@ def main(argv=None):
     if args.long_decode_len:
       result["long_decode"] = long_decode_case(args, workdir, model, peak, bandwidth)
     if args.long_len:
-      result["long"] = long_case(args, workdir, model, peak["bfloat16"])
+      result["long"] = long_case(args, workdir, model, peak["float32"])
   finally:
     if cleanup is not None:
       cleanup.cleanup()

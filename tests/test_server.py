@@ -362,7 +362,7 @@ def test_api_key_queue_limit_and_draining_shutdown(checkpoint):
         "Authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0,
                            timeout=300)
-    long = dict(model="run", prompt="def main(", max_tokens=500)
+    long = dict(model="run", prompt="def main(", max_tokens=200)
 
     def outcome(future):
       try:
@@ -375,8 +375,8 @@ def test_api_key_queue_limit_and_draining_shutdown(checkpoint):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
       outcomes = [outcome(f) for f in [pool.submit(client.completions.create, **long)
                                        for _ in range(16)]]
-    assert outcomes.count(429) >= 7 and outcomes.count(500) >= 2, outcomes
-    assert set(outcomes) == {429, 500}
+    assert outcomes.count(429) >= 7 and outcomes.count(200) >= 2, outcomes
+    assert set(outcomes) == {429, 200}
 
     # SIGTERM with 8 requests accepted: every one is finished, new ones get 503, exit 0
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -392,7 +392,7 @@ def test_api_key_queue_limit_and_draining_shutdown(checkpoint):
       assert refused.status_code == 503, refused.text
       assert "draining" in refused.json()["error"]["message"]
       assert httpx.get(server.url + "/health").status_code == 503
-      assert [outcome(f) for f in accepted] == [500] * 8
+      assert [outcome(f) for f in accepted] == [200] * 8
     assert server.process.wait(120) == 0, server.output()
   finally:
     server.terminate()
