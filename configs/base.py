@@ -139,20 +139,24 @@ def real_size(variant: str, meshes: dict, *, vocab_size, dim, n_layers, n_heads,
   mesh, config.data.seq_len, config.data.batch_size = meshes[variant]
   config.mesh.update(mesh)
   config.model.max_seq_len = config.data.seq_len
-  head_chunk, over_sequence = long_context_levers(mesh, config.data.seq_len)
-  config.model.head_chunk = head_chunk
-  config.train.shard_state_over_sequence = over_sequence
+  for field, value in long_context_levers(mesh, config.data.seq_len).items():
+    section, name = field.split(".")
+    config[section][name] = value
   config.train.lr = 3e-5
   return config
 
 
-def long_context_levers(mesh: dict, seq_len: int) -> tuple[int, bool]:
-  """(model.head_chunk, train.shard_state_over_sequence) for a real-size model on `mesh`
-  ({axis: size}) at `seq_len` tokens a row, as measured with the pre-flight (docs/tpu.md):
-  the loss's logits 4096 tokens per device at a time (Llama-3-8B at 1M tokens on v5p-128:
-  9.2 GiB less per chip), and the state split over the ring when nothing else splits it
-  (fsdp 1: 21 GiB less per chip there; with fsdp 4 XLA's temporaries grew by more)."""
+def long_context_levers(mesh: dict, seq_len: int) -> dict:
+  """{field: value} of the memory levers for a real-size model on `mesh` ({axis: size})
+  at `seq_len` tokens a row, as measured with the pre-flight (docs/tpu.md): the loss's
+  logits 4096 tokens per device at a time (model.head_chunk; Llama-3-8B at 1M tokens on
+  v5p-128: 9.2 GiB less per chip); the state split over the ring when nothing else
+  splits it (train.shard_state_over_sequence; fsdp 1: 21 GiB less per chip there; with
+  fsdp 4 XLA's temporaries grew by more), and then every layer's weights gathered in
+  bf16 (model.gather_in_compute_dtype)."""
   ring = mesh.get("sequence", 1)
   local = seq_len // ring
-  head_chunk = 4096 if local % 4096 == 0 and local > 4096 else 0
-  return head_chunk, ring > 1 and mesh.get("fsdp", 1) == 1
+  over_sequence = ring > 1 and mesh.get("fsdp", 1) == 1
+  return {"model.head_chunk": 4096 if local % 4096 == 0 and local > 4096 else 0,
+          "train.shard_state_over_sequence": over_sequence,
+          "model.gather_in_compute_dtype": over_sequence}

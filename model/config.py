@@ -109,6 +109,11 @@ class ModelConfig:
   # once): the [tokens, V] float32 logits then exist one chunk at a time, recomputed in
   # the backward pass (model/loss.chunked_target_log_probs).
   head_chunk: int = 0
+  # Weights cast to `dtype` before a projection gathers them (over fsdp, or over the
+  # ring with train.shard_state_over_sequence): float32 master weights then travel and
+  # are held gathered in bf16, half the bytes; their gradients come back rounded to
+  # bf16 before GSPMD sums them into the master's layout. False: gathered as stored.
+  gather_in_compute_dtype: bool = False
   init_std: float = 0.02
 
   def __post_init__(self):

@@ -45,31 +45,44 @@ def _param(rngs, shape, logical_axes, config: ModelConfig, std=None):
   return nnx.Param(init.astype(config.param_dtype), logical_axes=logical_axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather(weight, mesh, axes):
-  """`weight` constrained to the logical `axes` on `mesh`; its gradient left unconstrained."""
-  return sharding.constrain(weight, mesh, axes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather(weight, mesh, axes, dtype):
+  """`weight` in `dtype`, constrained to the logical `axes` on `mesh`; its gradient left
+  unconstrained, in the weight's own dtype."""
+  return sharding.constrain(weight.astype(dtype), mesh, axes)
 
 
-def _gather_fwd(weight, mesh, axes):
-  return _gather(weight, mesh, axes), None
+def _gather_fwd(weight, mesh, axes, dtype):
+  return _gather(weight, mesh, axes, dtype), jnp.zeros((0,), weight.dtype)  # its dtype
 
 
-def _gather_bwd(mesh, axes, _, grad):
-  return (grad,)
+def _gather_bwd(mesh, axes, dtype, weight_dtype, grad):
+  return (grad.astype(weight_dtype.dtype),)
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def _gathered(param: nnx.Param, mesh):
+def _gathered(param: nnx.Param, mesh, dtype=None):
   """A weight as a projection uses it: split as at rest over fsdp (its model dimension,
   ZeRO-3) and tensor, gathered over the ring when training split it there too
   (train.shard_state_over_sequence; a no-op otherwise). Said rather than left to GSPMD,
   which with the weights split over the ring moved the activations instead (Llama-3-8B
   at 1M tokens on v5p-128: 95 GiB of temporaries per chip). The gradient is not
-  constrained: GSPMD reduce-scatters it into the parameter's layout."""
-  return _gather(param[...], mesh, param.get_metadata()["logical_axes"])
+  constrained: GSPMD reduce-scatters it into the parameter's layout.
+
+  `dtype`: cast before the gather (model.gather_in_compute_dtype), so float32 master
+  weights travel and are held gathered in bf16, half the bytes; the projections compute
+  in it anyway, but their weight gradients are then rounded to it too."""
+  value = param[...]
+  return _gather(value, mesh, param.get_metadata()["logical_axes"],
+                 jnp.dtype(dtype or value.dtype))
+
+
+def _gather_dtype(config: ModelConfig):
+  """The dtype weights are gathered in: the compute dtype with
+  model.gather_in_compute_dtype, else None (as stored)."""
+  return config.dtype if config.gather_in_compute_dtype else None
 
 
 def _weight(module, name: str):
@@ -78,7 +91,7 @@ def _weight(module, name: str):
   param = getattr(module, name)
   scale = getattr(module, name + "_scale", None)
   if scale is None:
-    return _gathered(param, module.mesh)
+    return _gathered(param, module.mesh, _gather_dtype(module.config))
   return quantize.Int8Weight(_gathered(param, module.mesh), _gathered(scale, module.mesh),
                              quantize.IN_AXES[name],
                              activations=ring.platform_of(module.mesh) == "cpu")
@@ -303,7 +316,8 @@ class Transformer(nnx.Module):
     config = self.config
     if not config.head_chunk or hidden.shape[1] <= 1 or config.quantize:
       return loss.target_log_probs(self.head(hidden), targets)
-    head = _gathered(self.embed if config.tie_embeddings else self.lm_head, self.mesh)
+    head = _gathered(self.embed if config.tie_embeddings else self.lm_head, self.mesh,
+                     _gather_dtype(config))
     return loss.chunked_target_log_probs(hidden, head, targets, chunk=config.head_chunk,
                                          mesh=self.mesh, dtype=config.dtype)
 

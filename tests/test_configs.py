@@ -24,6 +24,10 @@ def test_real_size_configs_build_and_validate(name):
     mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
     mesh_lib.validate(model_config, mesh, seq_len=config.data.seq_len,
                       batch_size=config.data.batch_size)
+    # the levers of configs/base.long_context_levers: with the state split over the ring
+    # (fsdp 1), the weights are gathered in bf16
+    assert config.train.shard_state_over_sequence == (config.mesh.fsdp == 1)
+    assert model_config.gather_in_compute_dtype == config.train.shard_state_over_sequence
   abstract = nnx.eval_shape(lambda: transformer.Transformer(model_config, None,
                                                             rngs=nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -10,8 +10,9 @@ with the mesh, row length and rows of the cell:
 - training (`train step`): the ring (mesh.sequence) is the shortest that a product of
   whole physical axes of the slice allows with at most --tokens_per_device tokens per
   device; every other device goes to mesh.fsdp, one row per fsdp group (so a step is
-  fsdp rows); model.head_chunk and train.shard_state_over_sequence as the real-size
-  configs set them (configs/base.long_context_levers).
+  fsdp rows); model.head_chunk, train.shard_state_over_sequence and
+  model.gather_in_compute_dtype as the real-size configs set them
+  (configs/base.long_context_levers).
   With --longest, rows twice as long as the longest in --tokens follow until one does
   not fit (the ring then spans the whole slice).
 - serving (--serve): the longest prompt one request may have, by doubling from 32K,
@@ -86,11 +87,10 @@ def run_aot(model: str, slice_name: str, overrides: dict, serve: dict | None = N
 def train_cell(model, slice_name, tokens) -> dict:
   from configs import base
   mesh = training_mesh(slice_name, tokens, FLAGS.tokens_per_device)
-  head_chunk, over_sequence = base.long_context_levers(mesh, tokens)
   overrides = {"mesh.data": 1, "mesh.tensor": 1, "mesh.fsdp": mesh["fsdp"],
                "mesh.sequence": mesh["sequence"], "data.seq_len": tokens,
                "data.batch_size": mesh["rows"], "model.max_seq_len": tokens,
-               "model.head_chunk": head_chunk, "train.shard_state_over_sequence": over_sequence}
+               **base.long_context_levers(mesh, tokens)}
   result = run_aot(model, slice_name, overrides)
   return dict(result, kind="train", model=model, slice=slice_name, tokens=tokens, mesh=mesh)
 
