@@ -210,6 +210,17 @@ def test_diverging_run_stops_after_max_bad_steps(tmp_path):
   assert saved and max(saved) <= good_steps, (saved, last_step)
 
 
+def _random_batch(mesh, seed):
+  """Two rows of 64 random tokens (vocabulary 64) on `mesh`, as train.py feeds a step."""
+  import numpy as np
+
+  from parallel import sharding
+  tokens = np.random.default_rng(seed).integers(0, 64, (2, 64)).astype(np.int32)
+  return sharding.put_batch({"inputs": tokens, "targets": np.roll(tokens, -1, 1),
+                             "positions": np.tile(np.arange(64, dtype=np.int32), (2, 1)),
+                             "segment_ids": np.ones((2, 64), np.int32)}, mesh)
+
+
 def test_the_state_split_over_the_ring_trains_as_the_replicated_one():
   """train.shard_state_over_sequence: on fsdp 2 x ring 4 every parameter and AdamW moment
   is split 8 ways (2 without it), and three steps give the same losses and parameters
@@ -219,16 +230,12 @@ def test_the_state_split_over_the_ring_trains_as_the_replicated_one():
 
   from configs import base
   from model.config import ModelConfig
-  from parallel import mesh as mesh_lib, sharding
+  from parallel import mesh as mesh_lib
   from training import state as state_lib, steps as steps_lib
 
   config = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64)
   mesh = mesh_lib.make_mesh({"fsdp": 2, "sequence": 4})
-  rng = np.random.default_rng(7)
-  tokens = rng.integers(0, 64, (2, 64)).astype(np.int32)
-  batch = sharding.put_batch({"inputs": tokens, "targets": np.roll(tokens, -1, 1),
-                              "positions": np.tile(np.arange(64, dtype=np.int32), (2, 1)),
-                              "segment_ids": np.ones((2, 64), np.int32)}, mesh)
+  batch = _random_batch(mesh, seed=7)
   runs = {}
   for over_ring in (False, True):
     train = base.get_config().train
@@ -262,15 +269,11 @@ def test_weights_gathered_in_the_compute_dtype_train_alike():
 
   from configs import base
   from model.config import ModelConfig
-  from parallel import mesh as mesh_lib, sharding
+  from parallel import mesh as mesh_lib
   from training import state as state_lib, steps as steps_lib
 
   mesh = mesh_lib.make_mesh({"fsdp": 2, "sequence": 4})
-  rng = np.random.default_rng(11)
-  tokens = rng.integers(0, 64, (2, 64)).astype(np.int32)
-  batch = sharding.put_batch({"inputs": tokens, "targets": np.roll(tokens, -1, 1),
-                              "positions": np.tile(np.arange(64, dtype=np.int32), (2, 1)),
-                              "segment_ids": np.ones((2, 64), np.int32)}, mesh)
+  batch = _random_batch(mesh, seed=11)
   losses = {}
   for in_bf16 in (False, True):
     config = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
