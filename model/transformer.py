@@ -45,19 +45,18 @@ def _param(rngs, shape, logical_axes, config: ModelConfig, std=None):
   return nnx.Param(init.astype(config.param_dtype), logical_axes=logical_axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _gather(weight, mesh, axes, dtype):
-  """`weight` in `dtype`, constrained to the logical `axes` on `mesh`; its gradient left
-  unconstrained, in the weight's own dtype."""
-  return sharding.constrain(weight.astype(dtype), mesh, axes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(weight, mesh, axes):
+  """`weight` constrained to the logical `axes` on `mesh`; its gradient left unconstrained."""
+  return sharding.constrain(weight, mesh, axes)
 
 
-def _gather_fwd(weight, mesh, axes, dtype):
-  return _gather(weight, mesh, axes, dtype), jnp.zeros((0,), weight.dtype)  # its dtype
+def _gather_fwd(weight, mesh, axes):
+  return _gather(weight, mesh, axes), None
 
 
-def _gather_bwd(mesh, axes, dtype, weight_dtype, grad):
-  return (grad.astype(weight_dtype.dtype),)
+def _gather_bwd(mesh, axes, _, grad):
+  return (grad,)
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
@@ -74,9 +73,8 @@ def _gathered(param: nnx.Param, mesh, dtype=None):
   `dtype`: cast before the gather (model.gather_in_compute_dtype), so float32 master
   weights travel and are held gathered in bf16, half the bytes; the projections compute
   in it anyway, but their weight gradients are then rounded to it too."""
-  value = param[...]
-  return _gather(value, mesh, param.get_metadata()["logical_axes"],
-                 jnp.dtype(dtype or value.dtype))
+  value = param[...]  # the cast's gradient is cast back to the weight's dtype
+  return _gather(value.astype(dtype or value.dtype), mesh, param.get_metadata()["logical_axes"])
 
 
 def _gather_dtype(config: ModelConfig):
