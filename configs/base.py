@@ -88,10 +88,11 @@ def get_config():
   # matmuls run in bf16, float32 sums, as vLLM serves a float32 checkpoint in half
   # precision), float32, or "" (the checkpoint's model.dtype / model.param_dtype).
   # --config.model.dtype / param_dtype on the command line win. The KV cache:
-  # model.kv_cache_dtype (int8 halves it).
+  # model.kv_cache_dtype (int8 or float8_e4m3fn halves it).
   config.serve.dtype = "bfloat16"
-  # Weights: "" (as the checkpoint stores them) or int8 (per-channel round-to-nearest at
-  # load, model/quantize.py; a checkpoint from tools/quantize.py is int8 already).
+  # Weights: "" (as the checkpoint stores them), int8 (per-channel) or int4 (groups of
+  # model.quantize_group), rounded to nearest at load (model/quantize.py); a checkpoint
+  # from tools/quantize.py (round to nearest, GPTQ or AWQ) is quantized already.
   config.serve.quantize = ""
   # Mesh when no --config.mesh.* is given: sequence (all devices on the ring: long
   # prompts, the KV cache spread over devices) | batch (all devices on data: many short

@@ -6,12 +6,15 @@ configs/base.py builds its `model` and `attention` sections from them (`defaults
 """
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from core.errors import ConfigError
 
 
 SCALING_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+KV_CACHE_DTYPES = ("", "float32", "bfloat16", "int8", "float8_e4m3fn")
+QUANTIZE = ("", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +100,18 @@ class ModelConfig:
   sink_tokens: int = 0          # with a window: the first positions stay visible (StreamingLLM)
   dtype: str = "float32"        # compute dtype of activations and matmuls (bfloat16 on TPU/GPU)
   param_dtype: str = "float32"  # storage dtype of parameters (master weights)
-  # The KV cache's dtype when decoding: "" (dtype; serving on CPU keeps a bfloat16
-  # model's cache in float32: serving/loading.py), float32, bfloat16, or int8 (one
-  # float32 scale per token and kv head: about half of bfloat16's bytes; model/kv_cache.py).
+  # The KV cache's dtype when decoding (KV_CACHE_DTYPES): "" (dtype; serving on CPU keeps
+  # a bfloat16 model's cache in float32: serving/loading.py), float32, bfloat16, or int8 /
+  # float8_e4m3fn (one float32 scale per token and kv head: about half of bfloat16's
+  # bytes; model/kv_cache.py).
   kv_cache_dtype: str = ""
   remat: str = "none"           # none | full | dots: recompute blocks in the backward pass
-  # Weights stored as int8 with per-output-channel scales (model/quantize.py): "" or
-  # "int8". Serving only; serve.quantize sets it, a quantized checkpoint keeps it.
+  # Weights stored quantized (model/quantize.py, QUANTIZE): "" (param_dtype), "int8" (one
+  # scale per output channel) or "int4" (one scale per `quantize_group` input channels of
+  # each output channel). Serving only; serve.quantize sets it, a quantized checkpoint
+  # (tools/quantize.py: round to nearest, GPTQ or AWQ) keeps it.
   quantize: str = ""
+  quantize_group: int = 128
   # Training's output head and loss, this many tokens per device at a time (0: all at
   # once): the [tokens, V] float32 logits then exist one chunk at a time, recomputed in
   # the backward pass (model/loss.chunked_target_log_probs).
@@ -127,15 +134,28 @@ class ModelConfig:
                         f"{self.n_kv_heads} (grouped-query attention)")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"model.remat={self.remat!r}; use one of none, full, dots")
-    if self.kv_cache_dtype not in ("", "float32", "bfloat16", "int8"):
-      raise ConfigError(f"model.kv_cache_dtype={self.kv_cache_dtype!r}; use one of float32, "
-                        "bfloat16, int8 (or \"\": model.dtype)")
-    if self.quantize not in ("", "int8"):
-      raise ConfigError(f"model.quantize={self.quantize!r}; use \"int8\" (int8 weights) or "
-                        "\"\" (the parameter dtype)")
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ConfigError(f"model.kv_cache_dtype={self.kv_cache_dtype!r}; use one of "
+                        f"{', '.join(KV_CACHE_DTYPES[1:])} (or \"\": model.dtype)")
+    if self.quantize not in QUANTIZE:
+      raise ConfigError(f"model.quantize={self.quantize!r}; use int8, int4 or \"\" (the "
+                        "parameter dtype)")
+    self._check_quantize_group()
     if self.head_chunk < 0:
       raise ConfigError(f"model.head_chunk={self.head_chunk} must be >= 0 (0: no chunks)")
     self._check_window()
+
+  def _check_quantize_group(self):
+    """int4's groups must tile every weight's input channels: dim, mlp_dim and
+    n_heads * head_dim (wo's)."""
+    if self.quantize != "int4":
+      return
+    sizes = (self.dim, self.mlp_dim, self.n_heads * self.head_dim)
+    group = self.quantize_group
+    if group <= 0 or any(size % group for size in sizes):
+      works = math.gcd(128, *sizes)
+      raise ConfigError(f"model.quantize_group={group} must divide the input channels of "
+                        f"every weight {sizes}; use {works}")
 
   def _check_window(self):
     if self.window < 0:

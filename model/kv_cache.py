@@ -10,10 +10,10 @@ the forward's own: batch over (data, fsdp), kv heads over tensor, slots over
 computed it).
 parallel/ring.py describes which device holds which slot.
 
-The cache's dtype is `ModelConfig.kv_cache_dtype` (`cache_dtype`). An int8 cache holds
-each token's key and value per kv head as int8 with one float32 scale
-(parallel/int8.py): per layer `key_scales` and `value_scales` [B, K, C], sharded as
-the slots; a float cache has none (empty tuples).
+The cache's dtype is `ModelConfig.kv_cache_dtype` (`cache_dtype`). A quantized cache
+(int8, or float8_e4m3fn: `SCALED`) holds each token's key and value per kv head in
+that dtype with one float32 scale (parallel/quantized.py): per layer `key_scales` and
+`value_scales` [B, K, C], sharded as the slots; a float cache has none (empty tuples).
 """
 
 import dataclasses
@@ -21,7 +21,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from parallel import int8, ring
+from parallel import quantized, ring
+
+
+# Cache dtypes stored with one float32 scale per token and kv head.
+SCALED = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 def cache_dtype(config):
@@ -55,12 +59,13 @@ def with_slot_arrays(cache, arrays: list):
 def write_layer(cache, layer: int, k, v, write) -> tuple:
   """(keys, values, key scales, value scales) of `layer` after writing the new tokens'
   k, v [B, L, K, D] with `write(array, new, slot_axis)` (the scales None for a float
-  cache). Quantized here when the cache is int8."""
+  cache). Quantized here when the cache is (SCALED)."""
   k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)  # [B,K,D,L], [B,K,L,D]
   if not cache.key_scales:
     return (write(cache.keys[layer], k, ring.KEY_SLOTS),
             write(cache.values[layer], v, ring.VALUE_SLOTS), None, None)
-  (k, k_scale), (v, v_scale) = int8.quantize(k, 2), int8.quantize(v, 3)
+  dtype = cache.keys[layer].dtype
+  (k, k_scale), (v, v_scale) = quantized.quantize(k, 2, dtype), quantized.quantize(v, 3, dtype)
   return (write(cache.keys[layer], k, ring.KEY_SLOTS),
           write(cache.values[layer], v, ring.VALUE_SLOTS),
           write(cache.key_scales[layer], k_scale, ring.SCALE_SLOTS),
@@ -75,7 +80,7 @@ class KVCache:
   positions: jax.Array  # [B, C] int32 token position of each slot
   step: jax.Array   # int32 scalar: decode steps written so far
   prompt_slots: int = dataclasses.field(metadata=dict(static=True))  # slots of the prompt
-  key_scales: tuple = ()    # int8 cache: per layer [B, K, C] float32 (else empty)
+  key_scales: tuple = ()    # SCALED cache: per layer [B, K, C] float32 (else empty)
   value_scales: tuple = ()
 
   @property
@@ -92,19 +97,19 @@ def from_prefill(layer_kv, positions, valid, room: int, mesh, dtype=None) -> KVC
     positions: [B, L] int32 positions of the prompt tokens (same order and sharding).
     valid: [B, L] bool, False at padding (its slots are never attended to).
     room: decode slots to add, a multiple of mesh.sequence.
-    dtype: the cache's dtype (`cache_dtype`; None: the keys' own); int8 quantizes.
+    dtype: the cache's dtype (`cache_dtype`; None: the keys' own); SCALED ones quantize.
   """
   grow = lambda x, fill, slot_axis: ring.cache_with_room(x, room, fill, slot_axis=slot_axis,
                                                          mesh=mesh)
   dtype = jnp.dtype(dtype or layer_kv[0][0].dtype)
   keys = lambda k: jnp.transpose(k, (0, 2, 3, 1))  # [B, L, K, D] -> [B, K, D, L]: L slots
   values = lambda v: jnp.swapaxes(v, 1, 2)        # [B, L, K, D] -> [B, K, L, D]
-  if dtype == jnp.int8:
-    quantized = [(int8.quantize(keys(k), 2), int8.quantize(values(v), 3))
-                 for k, v in layer_kv]
-    scales = dict(key_scales=tuple(grow(ks, 0, ring.SCALE_SLOTS) for (_, ks), _ in quantized),
-                  value_scales=tuple(grow(vs, 0, ring.SCALE_SLOTS) for _, (_, vs) in quantized))
-    layer_kv = [(k, v) for (k, _), (v, _) in quantized]
+  if dtype in SCALED:
+    rounded = [(quantized.quantize(keys(k), 2, dtype), quantized.quantize(values(v), 3, dtype))
+               for k, v in layer_kv]
+    scales = dict(key_scales=tuple(grow(ks, 0, ring.SCALE_SLOTS) for (_, ks), _ in rounded),
+                  value_scales=tuple(grow(vs, 0, ring.SCALE_SLOTS) for _, (_, vs) in rounded))
+    layer_kv = [(k, v) for (k, _), (v, _) in rounded]
   else:
     scales = {}
     layer_kv = [(keys(k).astype(dtype), values(v).astype(dtype)) for k, v in layer_kv]
@@ -147,7 +152,7 @@ class SlotCache:
   # Rolling (above): reuse slots past C; `kept` slots at the start are never reused.
   rolling: bool = dataclasses.field(default=False, metadata=dict(static=True))
   kept: int = dataclasses.field(default=0, metadata=dict(static=True))
-  key_scales: tuple = ()    # int8 cache: per layer [B, K, C] float32 (else empty)
+  key_scales: tuple = ()    # SCALED cache: per layer [B, K, C] float32 (else empty)
   value_scales: tuple = ()
 
   @property
@@ -186,7 +191,7 @@ def empty_slots(config, mesh, slots: int, capacity: int, *, rolling=False,
   kv_heads, head_dim, layers = config.n_kv_heads, config.head_dim, range(config.n_layers)
   dtype = cache_dtype(config)
   scales = {}
-  if dtype == jnp.int8:
+  if dtype in SCALED:
     scales = {field: tuple(place((slots, kv_heads, capacity), jnp.float32, 0, ring.SCALE_SLOTS)
                            for _ in layers) for field in ("key_scales", "value_scales")}
   return SlotCache(
@@ -201,8 +206,8 @@ def empty_slots(config, mesh, slots: int, capacity: int, *, rolling=False,
 
 
 def per_token_bytes(config) -> int:
-  """Cache bytes of one token over all layers: keys, values (and their int8 scales),
-  and its position."""
+  """Cache bytes of one token over all layers: keys, values (and their scales when
+  SCALED), and its position."""
   dtype = cache_dtype(config)
-  per_head = 2 * (config.head_dim * dtype.itemsize + (4 if dtype == jnp.int8 else 0))
+  per_head = 2 * (config.head_dim * dtype.itemsize + (4 if dtype in SCALED else 0))
   return config.n_layers * config.n_kv_heads * per_head + 4

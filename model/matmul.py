@@ -26,8 +26,9 @@ from model import quantize
 
 def project(spec: str, x, weight, out_dtype=None):
   """einsum(spec, x, weight) in x.dtype with float32 accumulation, as `out_dtype`
-  (`_project`); an int8 weight (model/quantize.Int8Weight) goes to quantize.project."""
-  if isinstance(weight, quantize.Int8Weight):
+  (`_project`); a quantized weight (model/quantize.QuantizedWeight) goes to
+  quantize.project."""
+  if isinstance(weight, quantize.QuantizedWeight):
     return quantize.project(spec, x, weight, out_dtype)
   return _project(spec, x, weight, out_dtype)
 

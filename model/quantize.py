@@ -1,18 +1,22 @@
-"""int8 weights for serving: round-to-nearest with one float32 scale per output channel.
+"""Quantized weights for serving: int8 with one float32 scale per output channel, or int4
+with one per group of input channels.
 
   model.quantize = "int8"   (serve.py: --config.serve.quantize=int8)
+  model.quantize = "int4"   (groups of model.quantize_group input channels, 128 by default)
 
 Every projection weight (wq, wk, wv, wo, w_gate, w_up, w_down, lm_head) and the
-embedding table is stored as int8 values of the weight's own shape and sharding, next to
-a float32 `<name>_scale` parameter: the weight without its input axes (one scale per
-output channel; per vocabulary row for the embedding and the head), so that
-
-  weight ~= values * scale       (broadcast over the input axes, IN_AXES)
-
-and a projection is an integer product scaled once at the end:
+embedding table is stored as values of the weight's own shape and sharding (int8 or
+int4), next to a float32 `<name>_scale` parameter:
+  - int8: the weight without its input axes (IN_AXES): one scale per output channel,
+    per vocabulary row for the embedding and the head;
+  - int4: the input axes replaced by one axis of (their size / group) at the first's
+    place: wq [M, H, D] -> [M/g, H, D], wo [H, D, M] -> [H*D/g, M], lm_head [V, M] ->
+    [V, M/g] (`scale_shape`),
+so that weight ~= values * scale (broadcast over the channels a scale covers), and a
+projection is an integer product scaled once at the end (per group for int4):
 
   y = einsum(x, values) * scale            weight-only (TPU, GPU): x in the compute
-                                           dtype, the int8 -> bf16 conversion fused into
+                                           dtype, the int -> bf16 conversion fused into
                                            the matmul by XLA
   y = einsum(x8, values) * x_scale * scale dynamic activations (CPU): x rounded to int8
                                            per token as well (as torch's dynamic
@@ -21,11 +25,13 @@ and a projection is an integer product scaled once at the end:
 XLA:CPU does not fuse the conversion into a dot: it writes the whole converted weight
 first. Measured here (32 rows x 512 x 32000, the head of bench/decode.py's model):
 bf16 x bf16 1.7 ms, int8 converted to bf16 6.4 ms, int8 x int8 -> int32 0.8 ms. Hence
-the CPU path rounds the activations too; `Int8Weight.activations` says which.
+the CPU path rounds the activations too; `QuantizedWeight.activations` says which.
 
-Serving only: nothing here has a gradient. model/transformer.py's `_quantize_weights`
-turns a float model's parameters into these (at creation, or as a float checkpoint
-loads); a checkpoint saved from them (tools/quantize.py) loads directly.
+The rounding is to nearest here (`quantize_weight`); model/calibration.py finds values
+that reproduce the float layer better on real inputs (GPTQ, AWQ) and stores them in the
+same form. Serving only: nothing here has a gradient. model/transformer.py's
+`_quantize_weights` turns a float model's parameters into these (at creation, or as a
+float checkpoint loads); a checkpoint saved from them (tools/quantize.py) loads directly.
 
 Why not qwix (Google's JAX quantization library, 0.1.8 on the package registry): its
 post-training quantization finds a layer's weight by tracing the dot's operand back to
@@ -40,37 +46,71 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from parallel import int8
+from parallel import quantized
 
 # The input (contracted) axes of each quantized weight; its other axes are outputs.
 IN_AXES = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (0,), "w_up": (0,),
            "w_down": (0,), "lm_head": (1,), "embed": (1,)}
 
 
+DTYPES = {"int8": jnp.int8, "int4": jnp.int4}  # model.quantize -> the values' dtype
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class Int8Weight:
-  """A weight as a projection reads it: int8 values and their per-channel scales."""
-  values: jax.Array     # int8, the weight's shape
-  scale: jax.Array      # float32, the weight's shape without in_axes
+class QuantizedWeight:
+  """A weight as a projection reads it: int8 or int4 values and their scales."""
+  values: jax.Array     # int8 / int4, the weight's shape
+  scale: jax.Array      # float32, `scale_shape` of the weight
   in_axes: tuple = dataclasses.field(metadata=dict(static=True))
+  # 0: one scale per output channel; g: one per g input channels (the in_axes flattened).
+  group: int = dataclasses.field(default=0, metadata=dict(static=True))
   # Round the activations to int8 per token too (CPU), or widen the values (TPU, GPU).
   activations: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
-def scale_axes(logical_axes: tuple, in_axes: tuple) -> tuple:
-  """The logical axes of a weight's scale: its own without the input axes."""
-  return tuple(axis for i, axis in enumerate(logical_axes) if i not in in_axes)
+def group_of(config) -> int:
+  """The input channels one scale covers in a model of `config` (0: all of them)."""
+  return config.quantize_group if config.quantize == "int4" else 0
 
 
-def quantize_weight(weight, name: str):
-  """(int8 values, float32 scale) of a float weight named `name` (a key of IN_AXES)."""
-  return int8.quantize(weight, IN_AXES[name])
+def scale_axes(logical_axes: tuple, in_axes: tuple, group: int = 0) -> tuple:
+  """The logical axes of a weight's scale: its own without the input axes, or with
+  groups the input axes replaced by one named as the first."""
+  first, last = in_axes[0], in_axes[-1]
+  kept = (logical_axes[first],) if group else ()
+  return logical_axes[:first] + kept + logical_axes[last + 1:]
 
 
-def dequantize(weight: Int8Weight, dtype=jnp.float32):
-  scale = jnp.expand_dims(weight.scale, weight.in_axes)
-  return (weight.values.astype(jnp.float32) * scale).astype(dtype)
+def _grouped_shape(shape: tuple, in_axes: tuple, group: int) -> tuple:
+  """`shape` with its input axes flattened and split into (groups, group)."""
+  first, last = in_axes[0], in_axes[-1]
+  size = 1
+  for axis in in_axes:
+    size *= shape[axis]
+  return shape[:first] + (size // group, group) + shape[last + 1:]
+
+
+def quantize_weight(weight, name: str, dtype: str = "int8", group: int = 0):
+  """(values, float32 scale) of a float weight named `name` (a key of IN_AXES), rounded
+  to nearest: int8 / int4 (`dtype`), one scale per output channel (group 0) or per
+  `group` input channels."""
+  in_axes = IN_AXES[name]
+  if not group:
+    return quantized.quantize(weight, in_axes, DTYPES[dtype])
+  grouped = weight.reshape(_grouped_shape(weight.shape, in_axes, group))
+  values, scale = quantized.quantize(grouped, in_axes[0] + 1, DTYPES[dtype])
+  return values.reshape(weight.shape), scale
+
+
+def dequantize(weight: QuantizedWeight, dtype=jnp.float32):
+  """values * scale in `dtype`: the float weight a quantized one stands for."""
+  values = weight.values.astype(jnp.float32)
+  if not weight.group:
+    return (values * jnp.expand_dims(weight.scale, weight.in_axes)).astype(dtype)
+  grouped = values.reshape(_grouped_shape(values.shape, weight.in_axes, weight.group))
+  scale = jnp.expand_dims(weight.scale, weight.in_axes[0] + 1)
+  return (grouped * scale).reshape(values.shape).astype(dtype)
 
 
 def einsum_letters(spec: str) -> tuple[str, str, str]:
@@ -80,32 +120,53 @@ def einsum_letters(spec: str) -> tuple[str, str, str]:
   return x, w, out
 
 
-def project(spec: str, x, weight: Int8Weight, out_dtype=None):
-  """einsum(spec, x, weight) for an int8 weight (model/matmul.project's contract): float32
-  sums, scaled, returned in `out_dtype` (default x.dtype). Shapes and shardings as the
-  float projection."""
+def project(spec: str, x, weight: QuantizedWeight, out_dtype=None):
+  """einsum(spec, x, weight) for a quantized weight (model/matmul.project's contract):
+  float32 sums, scaled (per group, then summed, for int4), returned in `out_dtype`
+  (default x.dtype). Shapes and shardings as the float projection."""
   x, weight, spec = _merge_contracted(spec, x, weight)
+  values, grouped = weight.values, bool(weight.group)
+  if grouped:  # the contracted axis split into (groups, group); groups kept to the end
+    x, values, spec = _split_groups(spec, x, values, weight.group)
   x_letters, w_letters, out_letters = einsum_letters(spec)
-  contracted = [letter for letter in x_letters if letter in w_letters]
+  contracted = [letter for letter in x_letters if letter in w_letters and
+                letter not in out_letters]
   w_rest = "".join(letter for letter in w_letters if letter not in contracted)
   scale = _broadcast_to(weight.scale, w_rest, out_letters)
   if weight.activations:
     axes = tuple(x_letters.index(letter) for letter in contracted)
-    x8, x_scale = int8.quantize(x, axes)
-    product = jnp.einsum(spec, x8, weight.values, preferred_element_type=jnp.int32)
+    x8, x_scale = quantized.quantize(x, axes)
+    product = jnp.einsum(spec, x8, values.astype(jnp.int8), preferred_element_type=jnp.int32)
     x_rest = "".join(letter for letter in x_letters if letter not in contracted)
     scale = scale * _broadcast_to(x_scale, x_rest, out_letters)
   else:
-    product = jnp.einsum(spec, x, weight.values.astype(x.dtype),
-                         preferred_element_type=jnp.float32)
-  return (product.astype(jnp.float32) * scale).astype(out_dtype or x.dtype)
+    product = jnp.einsum(spec, x, values.astype(x.dtype), preferred_element_type=jnp.float32)
+  out = product.astype(jnp.float32) * scale
+  return (out.sum(-1) if grouped else out).astype(out_dtype or x.dtype)
 
 
-def _merge_contracted(spec: str, x, weight: Int8Weight):
+def _split_groups(spec: str, x, values, group: int):
+  """(x, values, spec) with the one contracted axis c split into (groups, group) in both
+  operands and the groups axis kept as the output's last: "blc,cf->blf" ->
+  "blgc,gcf->blfg", whose sums over each group the scales then multiply."""
+  x_letters, w_letters, out_letters = einsum_letters(spec)
+  (contracted,) = [letter for letter in x_letters if letter in w_letters]
+  groups = next(letter for letter in "cjnpqrstuz" if letter not in spec)
+  def split(array, letters):
+    i = letters.index(contracted)
+    shape = array.shape[:i] + (array.shape[i] // group, group) + array.shape[i + 1:]
+    return array.reshape(shape), letters.replace(contracted, groups + contracted)
+  x, x_letters = split(x, x_letters)
+  values, w_letters = split(values, w_letters)
+  return x, values, f"{x_letters},{w_letters}->{out_letters}{groups}"
+
+
+def _merge_contracted(spec: str, x, weight: QuantizedWeight):
   """(x, weight, spec) with the contracted dimensions merged into one when they are
   adjacent and in the same order in both operands ("blhd,hdm->blm" -> "blc,cm->blm"),
   as the float projection's dot sees them (unmerged, XLA:CPU's compiled decode
-  transposed and copied wo's int8 values on every call)."""
+  transposed and copied wo's int8 values on every call). The scale needs no change:
+  a grouped one already has the input axes as one."""
   x_letters, w_letters, out_letters = einsum_letters(spec)
   contracted = "".join(letter for letter in x_letters if letter in w_letters)
   if len(contracted) < 2 or contracted not in x_letters or contracted not in w_letters:
@@ -131,7 +192,11 @@ def _broadcast_to(array, letters: str, out_letters: str):
   return array.reshape(shape)
 
 
-def embed(table: Int8Weight, tokens, dtype):
+def embed(table: QuantizedWeight, tokens, dtype):
   """The rows of a quantized embedding table [V, M] for `tokens` [B, L]: [B, L, M]."""
-  rows = jnp.take(table.values, tokens, axis=0).astype(jnp.float32)
-  return (rows * jnp.take(table.scale, tokens, axis=0)[..., None]).astype(dtype)
+  rows = jnp.take(table.values, tokens, axis=0).astype(jnp.float32)  # [B, L, M]
+  scale = jnp.take(table.scale, tokens, axis=0)                        # [B, L] or [B, L, M/g]
+  if not table.group:
+    return (rows * scale[..., None]).astype(dtype)
+  grouped = rows.reshape(rows.shape[:-1] + (-1, table.group)) * scale[..., None]
+  return grouped.reshape(rows.shape).astype(dtype)

@@ -85,30 +85,43 @@ def _gather_dtype(config: ModelConfig):
 
 def _weight(module, name: str):
   """The weight `name` of `module` as its projection reads it: `_gathered`, and with
-  model.quantize=int8 a quantize.Int8Weight of its values and `<name>_scale`."""
+  model.quantize a quantize.QuantizedWeight of its values and `<name>_scale`."""
   param = getattr(module, name)
   scale = getattr(module, name + "_scale", None)
   if scale is None:
     return _gathered(param, module.mesh, _gather_dtype(module.config))
-  return quantize.Int8Weight(_gathered(param, module.mesh), _gathered(scale, module.mesh),
-                             quantize.IN_AXES[name],
-                             activations=ring.platform_of(module.mesh) == "cpu")
+  return quantize.QuantizedWeight(_gathered(param, module.mesh), _gathered(scale, module.mesh),
+                                  quantize.IN_AXES[name], quantize.group_of(module.config),
+                                  activations=ring.platform_of(module.mesh) == "cpu")
 
 
-def _quantize_weights(model) -> None:
+def quantized_modules(model) -> list:
+  """[(layer or None, module)] of every module of `model` (a Transformer) holding
+  weights of quantize.IN_AXES: the model itself (embed, lm_head; layer None), then
+  each block's attention and MLP."""
+  return [(None, model)] + [(layer, part) for layer, block in enumerate(model.blocks)
+                            for part in (block.attn, block.mlp)]
+
+
+def _quantize_weights(model, config: ModelConfig, rounding=None) -> None:
   """Every weight of quantize.IN_AXES in `model` (a Transformer) replaced in place by
-  its int8 values, with a `<name>_scale` Param beside it (model/quantize.py)."""
-  modules = [model] + [part for block in model.blocks for part in (block.attn, block.mlp)]
-  for module in modules:
+  its values quantized as `config` says (model.quantize, model.quantize_group), with a
+  `<name>_scale` Param beside it (model/quantize.py). `rounding(layer, module, name,
+  weight)` -> (values, scale) chooses them (model/calibration.py); default: to nearest."""
+  group = quantize.group_of(config)
+  if rounding is None:
+    rounding = lambda layer, module, name, weight: quantize.quantize_weight(
+        weight, name, config.quantize, group)
+  for layer, module in quantized_modules(model):
     for name in quantize.IN_AXES:
       param = getattr(module, name, None)
-      if not isinstance(param, nnx.Param) or param[...].dtype == jnp.int8:
+      if not isinstance(param, nnx.Param) or not jnp.issubdtype(param[...].dtype, jnp.floating):
         continue
       axes = param.get_metadata()["logical_axes"]
-      values, scale = quantize.quantize_weight(param[...], name)
+      values, scale = rounding(layer, module, name, param[...])
       setattr(module, name, nnx.Param(values, logical_axes=axes))
       setattr(module, name + "_scale", nnx.Param(
-          scale, logical_axes=quantize.scale_axes(axes, quantize.IN_AXES[name])))
+          scale, logical_axes=quantize.scale_axes(axes, quantize.IN_AXES[name], group)))
 
 
 def _zeros(shape, logical_axes, config: ModelConfig):
@@ -235,7 +248,7 @@ class Transformer(nnx.Module):
       # decode step's head matmul (32 rows x 32000 outputs) ~20% faster on XLA:CPU.
       self.lm_head = _param(rngs, (config.vocab_size, config.dim), ("vocab", "embed"), config)
     if config.quantize:
-      _quantize_weights(self)
+      _quantize_weights(self, config)
 
   def __call__(self, tokens, positions, segment_ids=None):
     """Logits for every token (training and scoring).
@@ -373,7 +386,7 @@ def abstract(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
                       "by a ringlm that ignored it; convert it again with tools.convert_hf, "
                       f"or pass --config.model.window={origin_window}")
   graphdef, targets = abstract_params(config, mesh, attention)
-  stored = _stored_config(config, meta)  # what the checkpoint holds (float or int8)
+  stored = _stored_config(config, meta)  # what the checkpoint holds (float or quantized)
   checkpoint.check_param_shapes(step_dir, targets if stored == config else
                                 abstract_params(stored, mesh, attention)[1])
   return nnx.merge(graphdef, targets), step_dir, meta
@@ -382,13 +395,20 @@ def abstract(path: str, mesh, attention: AttentionConfig = AttentionConfig(),
 def _stored_config(config: ModelConfig, meta: dict) -> ModelConfig:
   """`config` as the checkpoint of `meta` stores its parameters: float ones when it was
   not quantized (model.quantize then quantizes them as they load)."""
-  saved = meta["config"]["model"].get("quantize", "")
+  saved_model = meta["config"]["model"]
+  saved = saved_model.get("quantize", "")
   if config.quantize and not saved:
     return dataclasses.replace(config, quantize="")
   if saved and not config.quantize:
-    raise ConfigError(f"the checkpoint's weights are int8 (model.quantize={saved!r}); it "
+    raise ConfigError(f"the checkpoint's weights are {saved} (model.quantize={saved!r}); it "
                       "cannot be served or trained unquantized: serve it as it is, or use "
                       "the float checkpoint it came from")
+  saved_group = saved_model.get("quantize_group", ModelConfig.quantize_group)
+  if saved and (saved != config.quantize or (saved == "int4" and
+                                              saved_group != config.quantize_group)):
+    raise ConfigError(f"the checkpoint's weights are {saved} (model.quantize={saved!r}, "
+                      f"model.quantize_group={saved_group}); serve them as they are (drop "
+                      "serve.quantize) or quantize the float checkpoint they came from")
   return config
 
 
@@ -415,13 +435,13 @@ def load_parameters(shapes: Transformer, step_dir: str) -> tuple[Transformer, di
     params, meta = checkpoint.load_params(step_dir, targets,
                                           check_shapes=False)  # `abstract` checked them
     return nnx.merge(graphdef, params), meta
-  # A float checkpoint served with int8 weights: read, then quantized where it lies.
+  # A float checkpoint served with quantized weights: read, then rounded where it lies.
   float_graphdef, float_targets = abstract_params(stored, shapes.mesh)
   float_params, meta = checkpoint.load_params(step_dir, float_targets, check_shapes=False)
 
   def quantized(params):
     model = nnx.merge(float_graphdef, params)
-    _quantize_weights(model)
+    _quantize_weights(model, shapes.config)
     return nnx.to_pure_dict(nnx.state(model))
 
   shardings = jax.tree.map(lambda target: target.sharding, targets)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from parallel import int8, sharding
+from parallel import quantized, sharding
 from parallel.kernels import masking, xla
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
@@ -245,7 +245,7 @@ def ring_attention(q, k, v, *, positions, segment_ids=None, causal=True, mesh, a
 
 EMPTY = 2 ** 30  # position of a padding or unused cache slot: later than every query
 KEY_SLOTS, VALUE_SLOTS, POSITION_SLOTS = 3, 2, 1  # the slot axis of each cache array
-SCALE_SLOTS = 2  # an int8 cache's key and value scales [B, K, C]
+SCALE_SLOTS = 2  # a quantized cache's key and value scales [B, K, C]
 
 
 def cache_spec(axis, ndim, slot_axis):
@@ -401,10 +401,11 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
       0: all C. Slots beyond must hold nothing a query should see.
     live_rows: attend only for the first `live_rows` rows (0: all B); the others get
       zeros. Only on a mesh whose batch axes are 1 (the rows are whole on every device).
-    k_scale, v_scale: [B, K, C] float32, sharded as the slots, for an int8 cache
-      (model/kv_cache.py: slot c of head k holds values * scale). The queries are then
-      rounded to int8 too (one scale per query and head), so q.k is an int8 product with
-      int32 sums (native on CPU and TPU); p.v folds the value scales into p.
+    k_scale, v_scale: [B, K, C] float32, sharded as the slots, for a quantized cache
+      (model/kv_cache.py: slot c of head k holds values * scale). An int8 cache: the
+      queries are rounded to int8 too (one scale per query and head), so q.k is an int8
+      product with int32 sums (native on CPU and TPU). A float8 cache: the keys widened
+      to the queries' dtype (exact for bf16). p.v folds the value scales into p.
   Returns:
     [B, L, H, D] in q.dtype, sharded like q.
   """
@@ -421,30 +422,34 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
   if live_rows and any(mesh.shape[name] > 1 for name in batch_axes):
     raise ValueError(f"live_rows={live_rows} needs the batch axes {batch_axes} of size 1")
 
-  quantized = k_scale is not None
+  is_quantized = k_scale is not None
   scale_spec = cache_spec(axis, 3, SCALE_SLOTS)
 
   def local(q, k, v, kv_pos, q_pos, k_scale=None, v_scale=None):
     rows = q.shape[0]
     if live_rows and live_rows < rows:
       q, k, v, kv_pos, q_pos = (x[:live_rows] for x in (q, k, v, kv_pos, q_pos))
-      if quantized:
+      if is_quantized:
         k_scale, v_scale = k_scale[:live_rows], v_scale[:live_rows]
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if live:
       used = live // ring_size
       k, v, kv_pos = k[..., :used], v[:, :, :used], kv_pos[:, :used]
-      if quantized:
+      if is_quantized:
         k_scale, v_scale = k_scale[..., :used], v_scale[..., :used]
     # [B, L, H, D] -> [B, K, G, L, D]
     grouped = jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim),
                            1, 3)
-    if quantized:
-      grouped, q_scale = int8.quantize(grouped, 4)  # [B, K, G, L]
+    if is_quantized and k.dtype == jnp.int8:
+      grouped, q_scale = quantized.quantize(grouped, 4)  # [B, K, G, L]
       scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k, preferred_element_type=jnp.int32)
       scores = (scores.astype(jnp.float32) * (q_scale[..., None] * scale)
                 * k_scale[:, :, None, None, :])
+    elif is_quantized:  # float8: widened, the key scales applied to the sums
+      scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k.astype(grouped.dtype),
+                          preferred_element_type=jnp.float32)
+      scores = scores * scale * k_scale[:, :, None, None, :]
     else:
       # Products in the cache's dtype, accumulated in float32: a cache converted to
       # float32 here was a copy of the whole cache per layer and step (XLA:CPU).
@@ -461,7 +466,7 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     safe_max = jnp.where(ring_max == -jnp.inf, 0.0, ring_max)
     weights = jnp.exp(scores - safe_max[..., None])
     denominator = jnp.sum(weights, axis=-1, keepdims=True)
-    if quantized:  # sum_c p_c s_c v_c: the scales folded into p, v widened to float32
+    if is_quantized:  # sum_c p_c s_c v_c: the scales folded into p, v widened to float32
       numerator = jnp.einsum("bkglc,bkcd->bkgld", weights * v_scale[:, :, None, None, :],
                              v.astype(jnp.float32))
     else:
@@ -477,7 +482,7 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
 
   specs = (q_spec, k_spec, v_spec, jax.P(batch_axes, axis), jax.P(batch_axes))
   args = (q, k_cache, v_cache, cache_positions.astype(jnp.int32), q_positions.astype(jnp.int32))
-  if quantized:
+  if is_quantized:
     specs, args = specs + (scale_spec, scale_spec), args + (k_scale, v_scale)
   return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec,
                        check_vma=False)(*args)

@@ -121,6 +121,7 @@ def serving_precision(config, named: set[str], model: dict, mesh) -> dict:
   58M model of bench/decode.py, 32 rows x 256 slots: 915 us per layer and step against
   62 us for float32), which made bf16 decode slower than float32."""
   from core.errors import ConfigError
+  from model import config as model_config
   dtype = config.serve.dtype
   if dtype not in SERVE_DTYPES:
     raise ConfigError(f"serve.dtype={dtype!r}; use bfloat16, float32 or \"\" (the "
@@ -128,9 +129,9 @@ def serving_precision(config, named: set[str], model: dict, mesh) -> dict:
   fields = {}
   if dtype and not named & {"model.dtype", "model.param_dtype"}:
     fields = dict(dtype=dtype, param_dtype=dtype)
-  if config.serve.quantize not in ("", "int8"):
-    raise ConfigError(f"serve.quantize={config.serve.quantize!r}; use int8 or \"\" (the "
-                      "checkpoint's weights)")
+  if config.serve.quantize not in model_config.QUANTIZE:
+    raise ConfigError(f"serve.quantize={config.serve.quantize!r}; use int8, int4 or \"\" "
+                      "(the checkpoint's weights)")
   if config.serve.quantize:
     fields["quantize"] = config.serve.quantize
   compute = fields.get("dtype", model.get("dtype"))
