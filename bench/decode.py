@@ -12,10 +12,11 @@ and converted with tools/convert_hf.py. Each side then runs as its own fresh pro
 timed around the subprocess (start-up, imports, loading and compilation included):
   transformers fp32 / bf16   LlamaForCausalLM.generate, greedy, torch's default threads
                              (`python -m bench.decode --hf_generate DIR REQUESTS OUT DTYPE`)
-  ringlm fp32 / bf16 / int8 / int8+kv8
+  ringlm fp32 / bf16 / int8 / int8+kv8 / int4+kv8
                              serve.py (one device) with --config.serve.dtype=float32, the
-                             default (bf16), --config.serve.quantize=int8, and that with
-                             --config.model.kv_cache_dtype=int8; each cold (an empty
+                             default (bf16), --config.serve.quantize=int8, that with
+                             --config.model.kv_cache_dtype=int8, and int4 weights (groups
+                             of 128, rounded to nearest) with it; each cold (an empty
                              persistent compilation cache) and warm (reusing it)
 Greedy tokens: ringlm fp32 against transformers fp32 (argmax ties can flip; reported),
 the other precisions against ringlm fp32 (how far each row agrees).
@@ -55,6 +56,8 @@ VARIANTS = {  # ringlm's precisions: serve.py flags, bytes per weight, cache dty
     "int8": (["--config.serve.quantize=int8"], 1, "float32"),
     "int8_kv8": (["--config.serve.quantize=int8", "--config.model.kv_cache_dtype=int8"], 1,
                  "int8"),
+    "int4_kv8": (["--config.serve.quantize=int4", "--config.model.kv_cache_dtype=int8"], 0.5,
+                 "int8"),
 }
 MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, intermediate_size=1536, vocab_size=32000,
@@ -93,15 +96,16 @@ def cache_bytes_per_token(model: dict, cache_dtype: str) -> int:
   """Cache bytes of one token (all layers, keys and values; int8 with its float32
   scales), as model/kv_cache.per_token_bytes counts them."""
   head_dim = model["hidden_size"] // model["num_attention_heads"]
-  per_head = {"float32": 4 * head_dim, "bfloat16": 2 * head_dim, "int8": head_dim + 4}
+  per_head = {"float32": 4 * head_dim, "bfloat16": 2 * head_dim, "int8": head_dim + 4,
+              "float8_e4m3fn": head_dim + 4}
   return 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * per_head[cache_dtype]
 
 
 def decode_bytes(model: dict, prompt_lens: list, generated: list, weight_bytes: float = 4,
                  cache_dtype: str = "float32") -> float:
   """Bytes the decode phase reads at the least: each step (the rows decode together)
-  reads the non-embedding weights once (weight_bytes each: 4 fp32, 2 bf16, 1 int8, the
-  scales aside), and each row its filled cache:
+  reads the non-embedding weights once (weight_bytes each: 4 fp32, 2 bf16, 1 int8, 0.5
+  int4, the scales aside), and each row its filled cache:
 
     weight_bytes * non_embedding_params * max(generated - 1)
       + sum over rows and steps s: cache_bytes_per_token * (prompt_len + s)

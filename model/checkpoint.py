@@ -32,6 +32,8 @@ _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 def _checksum(x):
   """A uint32 sum of every element's bits times a position-dependent odd weight (mod 2**32)."""
   bits = x.reshape(-1)
+  if bits.dtype == jnp.int4:  # (4-bit values widened: each distinct value stays distinct)
+    bits = bits.astype(jnp.int8)
   if bits.dtype.itemsize == 8:
     bits = jax.lax.bitcast_convert_type(bits, jnp.uint32).reshape(-1)
   else:

@@ -30,7 +30,7 @@ the CPU path rounds the activations too; `QuantizedWeight.activations` says whic
 The rounding is to nearest here (`quantize_weight`); model/calibration.py finds values
 that reproduce the float layer better on real inputs (GPTQ, AWQ) and stores them in the
 same form. Serving only: nothing here has a gradient. model/transformer.py's
-`_quantize_weights` turns a float model's parameters into these (at creation, or as a
+`quantize_weights` turns a float model's parameters into these (at creation, or as a
 float checkpoint loads); a checkpoint saved from them (tools/quantize.py) loads directly.
 
 Why not qwix (Google's JAX quantization library, 0.1.8 on the package registry): its

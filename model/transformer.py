@@ -25,6 +25,8 @@ projection accumulates in float32 (model/matmul.py); norms, softmax statistics a
 logits are float32.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -103,7 +105,7 @@ def quantized_modules(model) -> list:
                             for part in (block.attn, block.mlp)]
 
 
-def _quantize_weights(model, config: ModelConfig, rounding=None) -> None:
+def quantize_weights(model, config: ModelConfig, rounding=None) -> None:
   """Every weight of quantize.IN_AXES in `model` (a Transformer) replaced in place by
   its values quantized as `config` says (model.quantize, model.quantize_group), with a
   `<name>_scale` Param beside it (model/quantize.py). `rounding(layer, module, name,
@@ -122,6 +124,35 @@ def _quantize_weights(model, config: ModelConfig, rounding=None) -> None:
       setattr(module, name, nnx.Param(values, logical_axes=axes))
       setattr(module, name + "_scale", nnx.Param(
           scale, logical_axes=quantize.scale_axes(axes, quantize.IN_AXES[name], group)))
+
+
+# Calibration (model/calibration.py): while `recording_inputs` is active, every forward
+# appends the input of each group of projections here, by PROJECTION_INPUTS' names.
+_RECORDED = contextvars.ContextVar("ringlm_recorded_projection_inputs", default=None)
+
+# The projections that read each recorded input.
+PROJECTION_INPUTS = {"attn": ("wq", "wk", "wv"), "wo": ("wo",), "mlp": ("w_gate", "w_up"),
+                     "w_down": ("w_down",), "lm_head": ("lm_head",)}
+
+
+@contextlib.contextmanager
+def recording_inputs():
+  """Within it, a forward records each projection group's input: yields {name of
+  PROJECTION_INPUTS: [the input of each call, in layer order]}, the inputs as the
+  forward made them (attn, mlp, lm_head [B, L, M] after their norm; wo [B, L, H, D];
+  w_down [B, L, F]). Traced values when the forward is traced: return them from it."""
+  recorded = {}
+  token = _RECORDED.set(recorded)
+  try:
+    yield recorded
+  finally:
+    _RECORDED.reset(token)
+
+
+def _record(name: str, x) -> None:
+  recorded = _RECORDED.get()
+  if recorded is not None:
+    recorded.setdefault(name, []).append(x)
 
 
 def _zeros(shape, logical_axes, config: ModelConfig):
@@ -162,6 +193,7 @@ class Attention(nnx.Module):
     scales: kv_cache.write_layer)."""
     dtype = self.config.dtype
     weight = functools.partial(_weight, self)
+    _record("attn", x)
     q = project("blm,mhd->blhd", x, weight("wq"))
     k = project("blm,mkd->blkd", x, weight("wk"))
     v = project("blm,mkd->blkd", x, weight("wv"))
@@ -178,6 +210,7 @@ class Attention(nnx.Module):
                                 causal=True, mesh=self.mesh, impl=self.attention.impl,
                                 block_q=self.attention.block_q, block_kv=self.attention.block_kv,
                                 **window)
+      _record("wo", out)
       return project("blhd,hdm->blm", out, weight("wo")), (k, v)
     if isinstance(cache, SlotCache):  # L tokens per row at the row's own fill
       write = lambda array, new, slot_axis: cache.write(array, new, slot_axis, self.mesh)
@@ -204,9 +237,11 @@ class MLP(nnx.Module):
 
   def __call__(self, x, tokens_axis):
     weight = functools.partial(_weight, self)
+    _record("mlp", x)
     gate = project("blm,mf->blf", x, weight("w_gate"))
     up = project("blm,mf->blf", x, weight("w_up"))
     hidden = sharding.constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", tokens_axis, "mlp"))
+    _record("w_down", hidden)
     return project("blf,fm->blm", hidden, weight("w_down"))
 
 
@@ -248,7 +283,7 @@ class Transformer(nnx.Module):
       # decode step's head matmul (32 rows x 32000 outputs) ~20% faster on XLA:CPU.
       self.lm_head = _param(rngs, (config.vocab_size, config.dim), ("vocab", "embed"), config)
     if config.quantize:
-      _quantize_weights(self, config)
+      quantize_weights(self, config)
 
   def __call__(self, tokens, positions, segment_ids=None):
     """Logits for every token (training and scoring).
@@ -336,6 +371,7 @@ class Transformer(nnx.Module):
     """hidden [B, L, M] (after the final norm) -> logits [B, L, V] float32."""
     config = self.config
     head = _weight(self, "embed" if config.tie_embeddings else "lm_head")  # [V, M]
+    _record("lm_head", hidden)
     logits = project("blm,vm->blv", hidden.astype(config.dtype), head, jnp.float32)
     return sharding.constrain(logits, self.mesh,
                               ("batch", sharding.tokens_axis(hidden.shape[1]), "vocab"))
@@ -441,7 +477,7 @@ def load_parameters(shapes: Transformer, step_dir: str) -> tuple[Transformer, di
 
   def quantized(params):
     model = nnx.merge(float_graphdef, params)
-    _quantize_weights(model, shapes.config)
+    quantize_weights(model, shapes.config)
     return nnx.to_pure_dict(nnx.state(model))
 
   shardings = jax.tree.map(lambda target: target.sharding, targets)

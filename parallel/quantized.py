@@ -27,3 +27,10 @@ def quantize(x, axis, dtype=jnp.int8):
   if jnp.issubdtype(dtype, jnp.integer):
     scaled = jnp.round(scaled)
   return scaled.astype(dtype), jnp.squeeze(scale, axis)
+
+
+def bits(dtype) -> int:
+  """The storage width of `dtype` in bits (int4: 4; NumPy's itemsize says 1 byte)."""
+  dtype = jnp.dtype(dtype)
+  return (jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else
+          jnp.finfo(dtype).bits if jnp.issubdtype(dtype, jnp.floating) else 8 * dtype.itemsize)

@@ -39,5 +39,5 @@ def test_every_program_imports_next_to_the_others():
   """train.py, serve.py and the tools define their flags only when run as programs, so
   one process can import them all (their flags share names)."""
   for name in ("train", "serve", "tools.eval_ppl", "tools.eval_passkey", "tools.copy_probe",
-               "tools.convert_hf", "tools.ring_check"):
+               "tools.convert_hf", "tools.ring_check", "tools.quantize"):
     importlib.import_module(name)

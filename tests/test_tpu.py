@@ -255,18 +255,23 @@ def test_the_preflight_compiles_the_serving_programs(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_weights_and_cache_compile_for_tpu(tmp_path):
-  """The same programs with int8 weights and an int8 KV cache: XLA:TPU compiles them,
-  and the pre-flight's table shows the parameters and the cache shrink (int8 cache:
-  (32 + 4) bytes a head and token against bf16's 64)."""
+@pytest.mark.parametrize("weights,cache,parameter_ratio", [("int8", "int8", 0.6),
+                                                           ("int4", "float8_e4m3fn", 0.35)])
+def test_quantized_weights_and_cache_compile_for_tpu(weights, cache, parameter_ratio, tmp_path):
+  """The same programs with int8 weights and an int8 KV cache, or int4 weights (groups
+  of 128) and a float8 cache: XLA:TPU compiles them, and the pre-flight's table shows
+  the parameters shrink (int4 packed two to a byte) and the cache too ((32 + 4) bytes a
+  head and token against bf16's 64)."""
   _, bf16 = _serve_preflight(tmp_path / "bf16")
-  _, int8 = _serve_preflight(tmp_path / "int8", "--config.serve.quantize=int8",
-                             "--config.model.kv_cache_dtype=int8")
-  for before, after in zip(bf16["programs"], int8["programs"]):
+  _, small = _serve_preflight(tmp_path / weights, f"--config.serve.quantize={weights}",
+                              f"--config.model.kv_cache_dtype={cache}")
+  for before, after in zip(bf16["programs"], small["programs"]):
     assert after["fits"]
-    assert after["per_device"]["parameters"] < 0.6 * before["per_device"]["parameters"]
-  cache = lambda report: report["programs"][1]["per_device"]["kv_cache"]
-  assert abs(cache(int8) / cache(bf16) - 36 / 64) < 0.02
+    ratio = after["per_device"]["parameters"] / before["per_device"]["parameters"]
+    assert ratio < parameter_ratio, ratio
+    assert after["per_device"]["total"] < before["per_device"]["total"]  # XLA's own count
+  kv_bytes = lambda report: report["programs"][1]["per_device"]["kv_cache"]
+  assert abs(kv_bytes(small) / kv_bytes(bf16) - 36 / 64) < 0.02
 
 
 @pytest.mark.slow  # ~35 s of Mosaic compiles

@@ -61,9 +61,11 @@ def slice_of(config_argument: str) -> str | None:
 
 def per_device_bytes(tree) -> int:
   """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings (the most any
-  device holds: shards are equal)."""
+  device holds: shards are equal), int4 packed two to a byte as XLA:TPU stores it."""
   import jax
-  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+
+  from parallel import quantized
+  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * quantized.bits(leaf.dtype) // 8
              for leaf in jax.tree.leaves(tree))
 
 
