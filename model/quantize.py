@@ -104,13 +104,15 @@ def quantize_weight(weight, name: str, dtype: str = "int8", group: int = 0):
 
 
 def dequantize(weight: QuantizedWeight, dtype=jnp.float32):
-  """values * scale in `dtype`: the float weight a quantized one stands for."""
-  values = weight.values.astype(jnp.float32)
+  """values * scale computed in `dtype`: the float weight a quantized one stands for
+  (in bf16 the scale is rounded to bf16 first, so that no float32 copy of the weight
+  is made; the values are exact in it)."""
+  values = weight.values.astype(dtype)
   if not weight.group:
-    return (values * jnp.expand_dims(weight.scale, weight.in_axes)).astype(dtype)
+    return values * jnp.expand_dims(weight.scale, weight.in_axes).astype(dtype)
   grouped = values.reshape(_grouped_shape(values.shape, weight.in_axes, weight.group))
-  scale = jnp.expand_dims(weight.scale, weight.in_axes[0] + 1)
-  return (grouped * scale).reshape(values.shape).astype(dtype)
+  scale = jnp.expand_dims(weight.scale, weight.in_axes[0] + 1).astype(dtype)
+  return (grouped * scale).reshape(values.shape)
 
 
 def einsum_letters(spec: str) -> tuple[str, str, str]:
@@ -120,12 +122,28 @@ def einsum_letters(spec: str) -> tuple[str, str, str]:
   return x, w, out
 
 
+# A grouped (int4) weight's int8 x int8 product keeps one partial sum per group until
+# the scales apply: [rows, outputs, groups]. Up to this many rows (decode) that is small
+# and the product stays int8; beyond (prefill), the weight is dequantized instead.
+GROUPED_PRODUCT_ROWS = 256
+
+
 def project(spec: str, x, weight: QuantizedWeight, out_dtype=None):
   """einsum(spec, x, weight) for a quantized weight (model/matmul.project's contract):
   float32 sums, scaled (per group, then summed, for int4), returned in `out_dtype`
-  (default x.dtype). Shapes and shardings as the float projection."""
+  (default x.dtype). Shapes and shardings as the float projection.
+
+  int4 (grouped) weights: weight-only (TPU, GPU) and for more than GROUPED_PRODUCT_ROWS
+  rows the weight is dequantized to x.dtype for one product; else (CPU decode) the
+  int8 x int8 product of each group is scaled and summed."""
   x, weight, spec = _merge_contracted(spec, x, weight)
   values, grouped = weight.values, bool(weight.group)
+  if grouped and (not weight.activations or x.size // weight.values.shape[weight.in_axes[0]]
+                  > GROUPED_PRODUCT_ROWS):
+    # The weight dequantized to x.dtype, then one product (XLA fuses the widening into
+    # the matmul's operand on TPU and GPU; a layer's weight at a time on CPU).
+    product = jnp.einsum(spec, x, dequantize(weight, x.dtype), preferred_element_type=jnp.float32)
+    return product.astype(out_dtype or x.dtype)
   if grouped:  # the contracted axis split into (groups, group); groups kept to the end
     x, values, spec = _split_groups(spec, x, values, weight.group)
   x_letters, w_letters, out_letters = einsum_letters(spec)

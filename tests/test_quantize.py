@@ -204,6 +204,21 @@ def test_a_quantized_projection_is_the_float_one_of_its_dequantized_weight(
   assert _relative_error(np.einsum(spec, x, w), expected) > 1e-4
 
 
+def test_a_long_int4_projection_on_cpu_dequantizes_the_weight(rng):
+  """More rows than GROUPED_PRODUCT_ROWS (a prefill): the int4 weight is dequantized to
+  x's dtype for one product, exact against float64 over the dequantized weight."""
+  from model import quantize
+  rows = quantize.GROUPED_PRODUCT_ROWS + 44
+  x = rng.standard_normal((2, rows // 2, 32)).astype(np.float32)
+  w = rng.standard_normal((32, 48)).astype(np.float32)
+  values, scale = quantize.quantize_weight(w, "w_gate", "int4", 8)
+  weight = quantize.QuantizedWeight(values, scale, (0,), 8, activations=True)
+  expected = np.einsum("blm,mf->blf", x.astype(np.float64),
+                       _dequantized(values, scale, "w_gate", 8))
+  assert _relative_error(quantize.project("blm,mf->blf", jnp.asarray(x), weight),
+                         expected) < 1e-6
+
+
 def _float_checkpoint(tmp_path, mesh, config=CONFIG):
   model = transformer.create(config, mesh, seed=5)
   step_dir = str(tmp_path / "run" / "checkpoints" / "0")
