@@ -69,6 +69,17 @@ class QuantizedWeight:
   activations: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
+def held_dtype(quantize: str, platform: str | None):
+  """The dtype a model of model.quantize=`quantize` holds its values in on `platform`:
+  int8 / int4, except int4 on CPU, held in int8 (the same values; checkpoints still
+  store int4). XLA:CPU in jax 0.10.2 cannot pass a sharded int4 array to a program
+  compiled ahead of time: the array's layout says sub_byte_element_size_in_bits=0, the
+  program's 4, and the call is refused. TPU and GPU hold int4, two to a byte."""
+  if quantize == "int4" and platform == "cpu":
+    return jnp.int8
+  return DTYPES[quantize]
+
+
 def group_of(config) -> int:
   """The input channels one scale covers in a model of `config` (0: all of them)."""
   return config.quantize_group if config.quantize == "int4" else 0

@@ -111,6 +111,7 @@ def quantize_weights(model, config: ModelConfig, rounding=None) -> None:
   `<name>_scale` Param beside it (model/quantize.py). `rounding(layer, module, name,
   weight)` -> (values, scale) chooses them (model/calibration.py); default: to nearest."""
   group = quantize.group_of(config)
+  held = quantize.held_dtype(config.quantize, model.mesh and ring.platform_of(model.mesh))
   if rounding is None:
     rounding = lambda layer, module, name, weight: quantize.quantize_weight(
         weight, name, config.quantize, group)
@@ -121,7 +122,7 @@ def quantize_weights(model, config: ModelConfig, rounding=None) -> None:
         continue
       axes = param.get_metadata()["logical_axes"]
       values, scale = rounding(layer, module, name, param[...])
-      setattr(module, name, nnx.Param(values, logical_axes=axes))
+      setattr(module, name, nnx.Param(values.astype(held), logical_axes=axes))
       setattr(module, name + "_scale", nnx.Param(
           scale, logical_axes=quantize.scale_axes(axes, quantize.IN_AXES[name], group)))
 

@@ -242,12 +242,12 @@ def test_a_float_checkpoint_served_with_quantized_weights(dtype, group, tmp_path
   state = nnx.to_pure_dict(nnx.state(quantized))
   for module, name in [("attn", "wq"), ("attn", "wo"), ("mlp", "w_down")]:
     values = state["blocks"][0][module][name]
-    assert values.dtype == quantize.DTYPES[dtype]
+    assert values.dtype == quantize.held_dtype(dtype, "cpu")  # int4 held in int8 on CPU
     expected_values, scale = quantize.quantize_weight(
         getattr(getattr(model.blocks[0], module), name)[...], name, dtype, group)
     np.testing.assert_array_equal(values.astype(jnp.int8), expected_values.astype(jnp.int8))
     np.testing.assert_allclose(state["blocks"][0][module][name + "_scale"], scale, rtol=1e-6)
-  assert state["embed"].dtype == quantize.DTYPES[dtype]
+  assert state["embed"].dtype == quantize.held_dtype(dtype, "cpu")
   assert state["lm_head_scale"].shape == ((CONFIG.vocab_size,) if not group else
                                           (CONFIG.vocab_size, CONFIG.dim // group))
   assert state["blocks"][0]["attn_norm"]["scale"].dtype == jnp.float32
@@ -269,6 +269,36 @@ def test_a_float_checkpoint_served_with_quantized_weights(dtype, group, tmp_path
   assert _relative_error(got, logits(dequantized)) < 1e-2
   error = _relative_error(got, logits(model))
   assert 1e-4 < error < (3e-2 if dtype == "int8" else 2e-1), error
+
+
+def test_int4_weights_decode_through_the_engines_programs(single_device_mesh, rng):
+  """The batch engine (programs compiled ahead of time) with int4 weights, held in int8
+  on CPU (quantize.held_dtype): every request decodes, with the log-probabilities of
+  the float model holding the dequantized weights within the activations' rounding."""
+  from model import quantize
+  config = dataclasses.replace(CONFIG, quantize="int4", quantize_group=32)
+  model = transformer.create(config, single_device_mesh, seed=6)
+  assert model.blocks[0].mlp.w_up[...].dtype == jnp.int8
+  assert int(jnp.abs(model.blocks[0].mlp.w_up[...].astype(jnp.int32)).max()) == 7
+  dequantized = transformer.create(CONFIG, single_device_mesh, seed=6)
+  for layer, module in transformer.quantized_modules(dequantized):
+    source = model if layer is None else getattr(model.blocks[layer],
+                                                 "attn" if hasattr(module, "wq") else "mlp")
+    for name in quantize.IN_AXES:
+      if hasattr(module, name):
+        getattr(module, name)[...] = quantize.dequantize(quantize.QuantizedWeight(
+            getattr(source, name)[...], getattr(source, name + "_scale")[...],
+            quantize.IN_AXES[name], 32))
+  batch = _requests(rng)
+  got = Engine(model, single_device_mesh, decode_chunk=4).generate(batch)
+  expected = Engine(dequantized, single_device_mesh, decode_chunk=4).generate(batch)
+  for line, result in expected.items():
+    assert got[line]["finish_reason"] == "length" and len(got[line]["tokens"]) == 6
+    agree = [a == b for a, b in zip(result["tokens"], got[line]["tokens"])]
+    first = agree.index(False) if False in agree else len(agree)
+    assert first >= 2, (result["tokens"], got[line]["tokens"])
+    np.testing.assert_allclose(got[line]["logprobs"][:first], result["logprobs"][:first],
+                               atol=0.05)
 
 
 def test_an_int8_checkpoint_cannot_be_loaded_as_float(tmp_path, single_device_mesh):

@@ -79,6 +79,7 @@ def main(argv):
   del argv
   named = cli.start()
   import jax
+  import jax.numpy as jnp
   from flax import nnx
 
   from core.errors import ConfigError
@@ -123,6 +124,8 @@ def main(argv):
   model, report = calibration.quantize(model, target, tokens, FLAGS.method)
   report["seconds"] = round(time.perf_counter() - began, 1)
   params = nnx.to_pure_dict(nnx.state(model))
+  if quantize == "int4":  # held in int8 on CPU (quantize.held_dtype); stored as int4
+    params = jax.tree.map(lambda x: x.astype(jnp.int4) if x.dtype == jnp.int8 else x, params)
   resolved = dict(saved)
   resolved["model"] = dict(saved["model"], **{field: getattr(target, field) for field in (
       "quantize", "quantize_group", "dtype", "param_dtype", "kv_cache_dtype")})
