@@ -38,7 +38,7 @@ def test_every_benchmark_quick(tmp_path):
   decode = results["decode"]
   assert decode["model"]["num_hidden_layers"] == 2 and "long" not in decode
   runs = decode["decode"]["runs"]
-  variants = ("fp32", "bf16", "int8", "int8_kv8")
+  variants = ("fp32", "bf16", "int8", "int8_kv8", "int4_kv8")
   assert set(runs) == {"transformers_fp32", "transformers_bf16"} | {
       f"ringlm_{v}_{when}" for v in variants for when in ("cold", "warm")}
   for run in runs.values():
@@ -52,8 +52,9 @@ def test_every_benchmark_quick(tmp_path):
       name = f"ringlm_{variant}_{when}"
       assert runs[name]["report"]["errors"] == 0 and runs[name]["report"]["requests"] == 4
   assert tokens["ringlm_fp32_warm"]["match"], tokens["ringlm_fp32_warm"]
-  # lower precisions: the first greedy tokens at least agree
-  assert all(tokens[f"ringlm_{v}_warm"]["agreement"] > 0.2 for v in variants)
+  # lower precisions: the first greedy tokens at least agree (int4's rounding on a random
+  # model's nearly tied logits changes them from the first token: not asked of it)
+  assert all(tokens[f"ringlm_{v}_warm"]["agreement"] > 0.2 for v in variants[:-1])
 
   memory = results["memory"]["rows"]
   assert {(r["length"], r["attention"]) for r in memory} == {
