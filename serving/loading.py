@@ -28,6 +28,12 @@ def load_tokenizer(step_dir: str, saved: dict, required: bool = True):
     return None
 
 
+def mesh_named(named: set[str]) -> bool:
+  """Whether the command line named a mesh field (--config.mesh.*; `named`: the config
+  fields it named, cli.start's): then that mesh is used as given."""
+  return any(field.startswith("mesh.") for field in named)
+
+
 def choose_mesh(config, named: set[str], longest: int, devices=None, slots_split=True):
   """(mesh, why) to serve on: --config.mesh.* when the command line named any; else every
   device on the ring (sequence) when a request needs it (serve.cache_sharding; `longest`:
@@ -41,7 +47,7 @@ def choose_mesh(config, named: set[str], longest: int, devices=None, slots_split
 
   from parallel import mesh as mesh_lib
   devices = jax.devices() if devices is None else list(devices)
-  if any(field.startswith("mesh.") for field in named):
+  if mesh_named(named):
     return mesh_lib.make_mesh(config.mesh.to_dict(), devices), "--config.mesh.* on the command line"
   long_context = f"serve.long_context={config.serve.long_context}"
   if _cache_sharding(config, longest) == "sequence":
@@ -76,7 +82,7 @@ def cpu_devices_needed(config, named: set[str], longest: int) -> int:
   unused still costs time: measured on bench/decode.py's 58M model, 32 x 128 -> 128
   bf16, 2026-12-06, one device decoded in 4.1 s in a process of 1 or 2 virtual devices
   and in 5.5 s in a process of 8."""
-  if any(field.startswith("mesh.") for field in named):
+  if mesh_named(named):
     return devices_lib.for_mesh(config.mesh.to_dict())
   if _cache_sharding(config, longest) == "sequence":
     return devices_lib.CPU_DEVICES

@@ -19,7 +19,7 @@ EVAL_MESH = {"data": 1, "fsdp": 1, "sequence": -1, "tensor": 1}  # all devices o
 
 def mesh_sizes(config, named) -> dict:
   """The mesh of an evaluation: every device on the ring unless --config.mesh.* says."""
-  if any(field.startswith("mesh.") for field in named):
+  if loading.mesh_named(named):
     return config.mesh.to_dict()
   return dict(EVAL_MESH)
 
@@ -31,10 +31,10 @@ def eval_devices(config, named):
   unless --cpu_devices says: an unused virtual device slows the used one too
   (serving.loading.cpu_devices_needed)."""
   import jax
-  mesh_named = any(field.startswith("mesh.") for field in named)
-  cli.set_cpu_devices(devices_lib.for_mesh(config.mesh.to_dict()) if mesh_named else 1)
+  named_mesh = loading.mesh_named(named)
+  cli.set_cpu_devices(devices_lib.for_mesh(config.mesh.to_dict()) if named_mesh else 1)
   devices = jax.devices()
-  if devices[0].platform == "cpu" and not mesh_named:
+  if devices[0].platform == "cpu" and not named_mesh:
     return devices[:1]
   return devices
 
