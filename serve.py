@@ -146,6 +146,7 @@ def serve_http(config, named, *, step_dir, saved, max_context, tokenizer, eos_id
     cli.set_cpu_devices(loading.cpu_devices_needed(config, named, max_context))
     mesh, mesh_reason = loading.choose_mesh(config, named, max_context, slots_split=False)
     service.http_mesh_check(mesh)
+    service.decode_steps_check(config.serve)
     shapes = loading.load_model(step_dir, config, named, mesh, max_context, abstract=True)[0]
     mesh_lib.validate(shapes.config, mesh)
     chunks = slots.chunk_sizes(config.serve.min_bucket, config.serve.prefill_chunk,

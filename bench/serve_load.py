@@ -5,11 +5,15 @@
   python -m bench.serve_load --quick    # 2 layers, 8 requests per rate (a smoke run)
 
 The model: a random Llama (transformers' default init, seed 0; 512 wide, 8 layers, 8
-heads / 4 KV heads, MLP 1536, float32) with a byte-level BPE tokenizer of 8192 tokens
+heads / 4 KV heads, MLP 1536) with a byte-level BPE tokenizer of 8192 tokens
 trained on the standard library's sources, saved with save_pretrained and converted by
 tools/convert_hf.py. Each server runs alone on the machine's cores:
-  ringlm        serve.py --port --cpu_devices=1, serve.batch_size=8 decode slots
-  transformers  transformers serve --continuous-batching --dtype float32 --device cpu
+  ringlm        serve.py --port --cpu_devices=1, serve.batch_size=8 decode slots,
+                --config.serve.dtype=DTYPE
+  transformers  transformers serve --continuous-batching --dtype DTYPE --device cpu
+Both in the same precision, --dtype (default bfloat16, what serve.py serves in; until
+2026-12-06 the peer ran float32 while serve.py had moved to bfloat16). On CPU ringlm keeps
+its KV cache in float32 (serving/loading.serving_precision says why).
 Load: a bounded number of requests with Poisson arrivals at each rate (the same
 seeded arrival times, prompts and lengths for both servers), prompts of 32-1536
 tokens of Python source (log-uniform), 16-96 new tokens, greedy, streamed
@@ -203,14 +207,14 @@ def ringlm_server(args, workdir, name, *extra):
   port = free_port()
   command = [sys.executable, "serve.py", f"--checkpoint={args.ringlm_dir}", f"--port={port}",
              "--cpu_devices=1", "--served_model_name=model", "--config.serve.batch_size=8",
-             "--config.serve.prefix_block=128", *extra]
+             "--config.serve.prefix_block=128", f"--config.serve.dtype={args.dtype}", *extra]
   return Server(name, command, port, workdir)
 
 
 def peer_server(args, workdir):
   port = free_port()
   executable = os.path.join(os.path.dirname(sys.executable), "transformers")
-  command = [executable, "serve", args.hf_dir, "--continuous-batching", "--dtype", "float32",
+  command = [executable, "serve", args.hf_dir, "--continuous-batching", "--dtype", args.dtype,
              "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
              "--log-level", "warning"]
   return Server("transformers", command, port, workdir)
@@ -258,6 +262,10 @@ def main(argv=None):
                       help="Poisson arrival rates, req/s (the last saturates both servers)")
   parser.add_argument("--requests", type=int, default=24, help="requests per rate")
   parser.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"])
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                      help="precision of both servers (weights and compute)")
+  parser.add_argument("--servers", default="ringlm,transformers",
+                      help="which servers to run (a comma list; the summary needs both)")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
   args = parser.parse_args(argv)
   if args.quick:
@@ -281,14 +289,20 @@ def main(argv=None):
     print(f"  {params / 1e6:.1f}M parameters; {sum(map(len, loads.values()))} requests",
           flush=True)
     results = {}
-    print("ringlm (serve.py --port)", flush=True)
-    results["ringlm"] = serve_all(ringlm_server(args, workdir, "ringlm"), "model", loads)
-    print("ringlm without the prefix cache", flush=True)
-    results["ringlm_no_prefix_cache"] = serve_all(
-        ringlm_server(args, workdir, "ringlm-no-prefix", "--config.serve.prefix_cache_mb=0"),
-        "model", loads, only={"shared prefix"})
-    print("transformers serve --continuous-batching", flush=True)
-    results["transformers"] = serve_all(peer_server(args, workdir), args.hf_dir, loads)
+    servers = args.servers.split(",")
+    if "ringlm" in servers:
+      print("ringlm (serve.py --port)", flush=True)
+      results["ringlm"] = serve_all(ringlm_server(args, workdir, "ringlm"), "model", loads)
+      print("ringlm without the prefix cache", flush=True)
+      results["ringlm_no_prefix_cache"] = serve_all(
+          ringlm_server(args, workdir, "ringlm-no-prefix", "--config.serve.prefix_cache_mb=0"),
+          "model", loads, only={"shared prefix"})
+    if "transformers" in servers:
+      print("transformers serve --continuous-batching", flush=True)
+      results["transformers"] = serve_all(peer_server(args, workdir), args.hf_dir, loads)
+    if set(servers) != {"ringlm", "transformers"}:
+      print(table(results, rates))
+      return
 
   top = f"{max(rates):g} req/s"
   ours, theirs = results["ringlm"][top], results["transformers"][top]

@@ -8,7 +8,8 @@ One thread runs `loop`. Each turn it
      row (a long prompt takes many turns; everyone else's stream waits at most one
      chunk). At its first chunk a prompt prefix found in the prefix cache is copied in
      instead of prefilled; after its last, the row is committed to the request's slot,
-  4. runs one decode call over every slot (slots.decode_steps steps) and hands each
+  4. runs one decode call over every slot (slots.decode_steps steps; fewer,
+     prefill_decode_steps, while a prompt is being prefilled) and hands each
      request its new tokens; a request that ends (stop string, end of sequence,
      max_tokens) leaves its slot at once.
 `submit` raises QueueFull when `max_queue` requests are waiting.
@@ -69,11 +70,14 @@ class Scheduler:
     max_queue: most requests waiting for a slot.
     prefix_cache: a serving/prefix_cache.PrefixCache, or None.
     metrics: a serving/metrics.ServerMetrics, or None.
+    prefill_decode_steps: decode steps per call while a prompt is being prefilled
+      (serve.prefill_decode_steps; None: the engine's decode_steps always).
   """
 
   def __init__(self, engine, *, tokenizer=None, eos_ids=(), max_queue=256,
-               prefix_cache=None, metrics=None):
+               prefix_cache=None, metrics=None, prefill_decode_steps=None):
     self.engine, self.tokenizer = engine, tokenizer
+    self.prefill_decode_steps = prefill_decode_steps
     self.eos_ids = set(int(e) for e in eos_ids if e is not None and e >= 0)
     self.max_queue, self.prefix_cache, self.metrics = max_queue, prefix_cache, metrics
     self.queue = collections.deque()
@@ -215,9 +219,13 @@ class Scheduler:
         array[i] = getattr(job.request, field)
     sampling = any(job.request.temperature > 0 for job in decoding)
     start = time.perf_counter()
-    steps, out_tokens, out_logprobs = self.engine.decode(token, position, fill, done,
-                                                         generated, max_tokens, params,
-                                                         sampling)
+    # While a prompt waits for its chunks, fewer steps: the queue's first tokens come
+    # sooner and the slots fill, and every stream still advances between two chunks.
+    prefilling = any(j is not None and j.prefilled < len(j.request.prompt_tokens)
+                     for j in self.slots)
+    steps, out_tokens, out_logprobs = self.engine.decode(
+        token, position, fill, done, generated, max_tokens, params, sampling,
+        steps=self.prefill_decode_steps if prefilling else None)
     self.stats["decode_s"] += time.perf_counter() - start
     for job in decoding:
       i = job.slot

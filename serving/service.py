@@ -49,6 +49,14 @@ def http_mesh_check(mesh) -> None:
         "--config.mesh.fsdp=1 --config.mesh.sequence=-1")
 
 
+def decode_steps_check(serve) -> None:
+  """serve.slot_decode_steps and serve.prefill_decode_steps are step counts: >= 1."""
+  for field in ("slot_decode_steps", "prefill_decode_steps"):
+    if getattr(serve, field) < 1:
+      raise ConfigError(f"serve.{field}={getattr(serve, field)}: decode steps per call must "
+                        f"be at least 1; use --config.serve.{field}=2")
+
+
 def parameter_bytes_per_device(model) -> int:
   """Bytes of `model`'s parameters (abstract or real) on its most loaded device."""
   from flax import nnx
@@ -189,7 +197,8 @@ class Service:
       self.engine.reset()
       self.scheduler = Scheduler(self.engine, tokenizer=self.tokenizer, eos_ids=self.eos_ids,
                                  max_queue=self.serve.max_queue,
-                                 prefix_cache=self.prefix_cache, metrics=self.metrics)
+                                 prefix_cache=self.prefix_cache, metrics=self.metrics,
+                                 prefill_decode_steps=self.serve.prefill_decode_steps)
       self.scheduler.start()
       self.server.ready(self.scheduler)
       log.info("ready: %d programs compiled in %.1f s, serving after %.1f s", programs,

@@ -171,9 +171,9 @@ class SlotEngine:
         zip(kv_cache.slot_arrays(cache), kv_cache.slot_arrays(staging))])
 
   def _decode_fn(self, state, cache, token, position, fill, done, generated, max_tokens,
-                 params, *, steps, sampling, live, live_rows):
-    """Up to `steps` steps of every row not `done` ([B] arrays); stops early when every
-    row is done. Attends to the first `live` slots of the first `live_rows` rows (every
+                 params, limit, *, steps, sampling, live, live_rows):
+    """Up to `limit` (a scalar, at most `steps`) steps of every row not `done` ([B]
+    arrays); stops early when every row is done. Attends to the first `live` slots of the first `live_rows` rows (every
     decoding row must be among them, its fill + steps within them). Returns (steps run,
     cache, tokens [B, steps], logprobs [B, steps])."""
     model = nnx.merge(self.graphdef, state)
@@ -183,7 +183,7 @@ class SlotEngine:
 
     def cond(carry):
       i, _, _, _, _, done, _, _ = carry
-      return (i < steps) & ~jnp.all(done)
+      return (i < jnp.minimum(limit, steps)) & ~jnp.all(done)
 
     def body(carry):
       i, cache, token, position, fill, done, out_tokens, out_logprobs = carry
@@ -260,10 +260,10 @@ class SlotEngine:
             if 1 << i < self.slots] + [self.slots]
 
   def decode_program(self, sampling: bool, live: int, live_rows: int):
-    cache, rows, _ = self._shapes()
+    cache, rows, scalar = self._shapes()
     args = (self.state, cache, rows(jnp.int32), rows(jnp.int32), rows(jnp.int32),
             rows(jnp.bool_), rows(jnp.int32), rows(jnp.int32),
-            tuple(rows(dtype) for _, dtype in SAMPLING_FIELDS))
+            tuple(rows(dtype) for _, dtype in SAMPLING_FIELDS), scalar(jnp.int32))
     return self._compile("decode", self._decode_fn, args,
                          (("steps", self.decode_steps), ("sampling", sampling),
                           ("live", live), ("live_rows", live_rows)), donate=(1,))
@@ -371,16 +371,22 @@ class SlotEngine:
     self.cache = self.commit_program()(self.cache, self.staging,
                                        jax.device_put(np.int32(row), replicated))
 
-  def decode(self, token, position, fill, done, generated, max_tokens, params, sampling):
+  def decode(self, token, position, fill, done, generated, max_tokens, params, sampling,
+             steps: int | None = None):
     """One decode call over every slot ([B] numpy arrays; params: the SAMPLING_FIELDS
-    arrays). Returns (steps, tokens [B, steps], logprobs [B, steps]) as numpy."""
-    needed = int(np.max(np.where(done, 0, fill))) + self.decode_steps
+    arrays) of `steps` steps (default and most: decode_steps; the step count is an
+    argument of the program, not a new program). Returns (steps run, tokens [B, steps],
+    logprobs [B, steps]) as numpy."""
+    steps = self.decode_steps if steps is None else min(steps, self.decode_steps)
+    needed = int(np.max(np.where(done, 0, fill))) + steps
     last_row = int(np.flatnonzero(~np.asarray(done))[-1])
     program = self.decode_program(sampling, self.live_bucket(min(needed, self.capacity)),
                                   next(r for r in self.row_buckets() if r > last_row))
     args = [self._rows(x) for x in (token, position, fill, done, generated, max_tokens)]
+    replicated = sharding.named_sharding(self.mesh, ())
     steps, self.cache, tokens, logprobs = program(
-        self.state, self.cache, *args, tuple(self._rows(p) for p in params))
+        self.state, self.cache, *args, tuple(self._rows(p) for p in params),
+        jax.device_put(np.int32(steps), replicated))
     steps = int(steps)
     return steps, np.asarray(tokens)[:, :steps], np.asarray(logprobs)[:, :steps]
 

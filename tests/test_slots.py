@@ -47,11 +47,24 @@ def serve_all(scheduler, requests):
 @pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 8}], ids=["one", "seq8"])
 def test_continuous_batching_gives_the_full_forwards_greedy_tokens(mesh_sizes, rng):
   devices = jax.devices()[:1] if mesh_sizes == {"data": 1} else None
-  scheduler, model, _ = make_scheduler(mesh_sizes, devices)
+  # on one device, one decode step per call while a prompt is prefilled (3 otherwise)
+  short = 1 if devices else None
+  scheduler, model, _ = make_scheduler(mesh_sizes, devices, prefill_decode_steps=short)
+  calls, decode = [], scheduler.engine.decode
+
+  def recorded(*args, steps=None):
+    result = decode(*args, steps=steps)
+    calls.append((steps, result[0]))
+    return result
+
+  scheduler.engine.decode = recorded
   requests = [Request(line=i, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
                       max_tokens=int(m), logprobs=True)
               for i, (n, m) in enumerate(zip(PROMPTS, (7, 2, 9, 1, 5, 8)))]
   jobs = serve_all(scheduler, requests)
+  # the step count asked for is the count run (a call may stop early when all rows end)
+  assert all(ran <= (asked or 3) for asked, ran in calls)
+  assert any(asked == short and ran == (short or 3) for asked, ran in calls), calls
   for job in jobs:
     expected, logprobs = greedy_reference(model, job.request.prompt_tokens,
                                           job.request.max_tokens)
@@ -79,3 +92,14 @@ def test_a_cached_prefix_gives_the_same_tokens(mesh_sizes, rng):
   for job in jobs:
     expected, _ = greedy_reference(model, job.request.prompt_tokens, job.request.max_tokens)
     assert job.completion.tokens == expected, job.request.line
+
+
+def test_decode_steps_of_zero_are_refused_naming_the_field():
+  from configs import base
+  from core.errors import ConfigError
+  from serving import service
+  serve = base.get_config().serve
+  service.decode_steps_check(serve)
+  serve.prefill_decode_steps = 0
+  with pytest.raises(ConfigError, match="serve.prefill_decode_steps=0.*prefill_decode_steps=2"):
+    service.decode_steps_check(serve)
