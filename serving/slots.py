@@ -173,9 +173,9 @@ class SlotEngine:
   def _decode_fn(self, state, cache, token, position, fill, done, generated, max_tokens,
                  params, limit, *, steps, sampling, live, live_rows):
     """Up to `limit` (a scalar, at most `steps`) steps of every row not `done` ([B]
-    arrays); stops early when every row is done. Attends to the first `live` slots of the first `live_rows` rows (every
-    decoding row must be among them, its fill + steps within them). Returns (steps run,
-    cache, tokens [B, steps], logprobs [B, steps])."""
+    arrays); stops early when every row is done. Attends to the first `live` slots of
+    the first `live_rows` rows (every decoding row must be among them, its fill + steps
+    within them). Returns (steps run, cache, tokens [B, steps], logprobs [B, steps])."""
     model = nnx.merge(self.graphdef, state)
     cache = dataclasses.replace(cache, live=live, live_rows=live_rows)
     eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
