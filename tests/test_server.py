@@ -353,6 +353,7 @@ def test_the_same_tokens_with_and_without_the_prefix_cache(checkpoint, server, c
 def test_api_key_queue_limit_and_draining_shutdown(checkpoint):
   server = ServerProcess(checkpoint, "--config.serve.batch_size=1",
                          "--config.serve.max_queue=8", "--config.serve.drain_s=120",
+                         "--config.serve.slot_decode_steps=1",
                          env={"RINGLM_API_KEY": "sesame"})
   try:
     server.wait_ready()
@@ -378,22 +379,28 @@ def test_api_key_queue_limit_and_draining_shutdown(checkpoint):
     assert outcomes.count(429) >= 7 and outcomes.count(200) >= 2, outcomes
     assert set(outcomes) == {429, 200}
 
-    # SIGTERM with 8 requests accepted: every one is finished, new ones get 503, exit 0
+    # SIGTERM with 8 requests accepted: every one is finished, new ones get 503, exit 0.
+    # (8 x 200 tokens drained in 1.4 s here, which can be over before a request sent
+    # 0.5 s after the signal arrives: the drain is made seconds long, and the request
+    # follows the first 503 on /health.)
+    longer = dict(long, max_tokens=300)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-      accepted = [pool.submit(client.completions.create, **long) for _ in range(8)]
+      accepted = [pool.submit(client.completions.create, **longer) for _ in range(8)]
       deadline = time.monotonic() + 60
       while server.metric("queue_depth") < 6:
         assert time.monotonic() < deadline, "the requests did not queue"
         time.sleep(0.02)
       server.process.send_signal(signal.SIGTERM)
-      time.sleep(0.5)
+      while httpx.get(server.url + "/health").status_code != 503:
+        assert time.monotonic() < deadline + 10, server.output()
+        time.sleep(0.01)
       refused = httpx.post(url, json={"prompt": "x"},
                            headers={"Authorization": "Bearer sesame"})
       assert refused.status_code == 503, refused.text
       assert "draining" in refused.json()["error"]["message"]
-      assert httpx.get(server.url + "/health").status_code == 503
-      assert [outcome(f) for f in accepted] == [200] * 8
+      assert [outcome(f) for f in accepted] == [300] * 8
     assert server.process.wait(120) == 0, server.output()
+    assert re.search(r"draining: [78] requests in flight", server.output()), server.output()
   finally:
     server.terminate()
 
