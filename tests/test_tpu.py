@@ -3,7 +3,9 @@ Pallas kernels through Mosaic for four generations, the ring's schedule, the mod
 kernel choice, and meshes laid on the torus. See docs/tpu.md."""
 
 import importlib
+import json
 import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -300,3 +302,47 @@ def test_a_step_larger_than_hbm_is_does_not_fit_not_a_traceback():
   assert "Lever: " in result.stdout
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["programs"][0]["fits"] is False
+
+
+def test_the_memory_table_lays_cells_and_resumes_its_file(monkeypatch):
+  from tools import memory_table
+  # 32K tokens at <= 16K per device: the shortest ring of whole torus axes is 4
+  assert memory_table.training_mesh("v5p-128", 32768, 16384) == {
+      "sequence": 4, "fsdp": 16, "rows": 16}
+  assert memory_table.training_mesh("v5p-128", 1 << 20, 16384)["sequence"] == 64
+  runs = []
+
+  def compile_once(args, **kwargs):
+    runs.append(args)
+    return subprocess.CompletedProcess(args, 0, stdout='{"programs": []}\n', stderr="")
+  monkeypatch.setattr(memory_table.subprocess, "run", compile_once)
+  monkeypatch.setattr(memory_table, "COMPILED", {})
+  first = memory_table.run_aot("llama3_8b", "v5p-128", {"data.seq_len": 32768})
+  assert len(runs) == 1 and first["programs"] == []
+  # a part that resumes the file: the same arguments are not compiled again
+  memory_table.COMPILED[json.dumps(first["argv"])] = dict(first, kind="train", mesh={})
+  again = memory_table.run_aot("llama3_8b", "v5p-128", {"data.seq_len": 32768})
+  assert len(runs) == 1 and again == first
+  memory_table.run_aot("llama3_8b", "v5p-128", {"data.seq_len": 65536})
+  assert len(runs) == 2
+
+
+@pytest.mark.parametrize("limit_bytes", [5_000, 40_000, 130_000, 10**9])
+def test_the_longest_that_fits_is_a_compiled_pair_of_cells(limit_bytes):
+  from tools import memory_table
+  compiled = []
+
+  def cell_at(size):  # bytes = 1000 + 10 per unit, and 2% more past 4096 units
+    if size not in compiled:
+      compiled.append(size)
+    total = 1000 + 10 * size + (size > 4096) * size // 5
+    return {"programs": [{"fits": total <= limit_bytes, "hbm_bytes": limit_bytes,
+                          "per_device": {"total": total}}]}
+  found = memory_table.largest_fitting(cell_at, 32, 1 << 20)
+  searched = list(compiled)
+  assert len(searched) <= 6  # not every doubling
+  sizes = [32 * 2**k for k in range(16) if 32 * 2**k <= 1 << 20]
+  expected = max((n for n in sizes if cell_at(n)["programs"][0]["fits"]), default=None)
+  assert found == expected
+  if found is not None and 2 * found <= 1 << 20:
+    assert found in searched and 2 * found in searched  # the pair is compiled

@@ -13,12 +13,21 @@ with the mesh, row length and rows of the cell:
   fsdp rows); model.head_chunk, train.shard_state_over_sequence and
   model.gather_in_compute_dtype as the real-size configs set them
   (configs/base.long_context_levers).
-  With --longest, rows twice as long as the longest in --tokens follow until one does
-  not fit (the ring then spans the whole slice).
-- serving (--serve): the longest prompt one request may have, by doubling from 32K,
-  and the most requests of 32K tokens, on the mesh serve.py chooses; bf16 weights.
+  With --longest, the longest row that fits, in powers of two times the longest of
+  --tokens (the ring then spans the whole slice).
+- serving (--serve): the longest prompt one request may have, in powers of two times
+  32K, and the most requests of 32K tokens, on the mesh serve.py chooses; bf16 weights.
 
-Prints a Markdown table; writes every cell's JSON to --output.
+A "longest" or "most" is searched, not extrapolated: the first two sizes give a line of
+bytes per chip against the size, the line's guess is compiled, then doubled (or halved)
+until a size that fits is next to one that does not. Both are compiled cells in the
+table; the line only saves the compiles in between (the bytes are not linear in every
+case: in the model's depth they are not).
+
+Prints a Markdown table; writes every cell's JSON to --output. The cells already in
+--output are kept, and one asked for again (the same tools.aot arguments; not one that
+ended in an error) is not compiled again: a grid too long for one sitting is run in
+parts, each adding to the file.
 """
 
 import itertools
@@ -66,6 +75,10 @@ def training_mesh(slice_name: str, tokens: int, per_device: int) -> dict:
   return {"sequence": ring, "fsdp": chips // ring, "rows": chips // ring}
 
 
+# tools.aot arguments (json.dumps of the list) -> the cell compiled from them earlier
+COMPILED: dict[str, dict] = {}
+
+
 def run_aot(model: str, slice_name: str, overrides: dict, serve: dict | None = None) -> dict:
   """One tools.aot run; its JSON line (plus "argv", "seconds"), or {"error": ...}."""
   args = [sys.executable, "-m", "tools.aot", f"--config=configs/{model}.py:v5p-128",
@@ -73,6 +86,10 @@ def run_aot(model: str, slice_name: str, overrides: dict, serve: dict | None = N
   args += [f"--config.{key}={value}" for key, value in overrides.items()]
   if serve is not None:
     args += ["--serve"] + [f"--{key}={value}" for key, value in serve.items()]
+  earlier = COMPILED.get(json.dumps(args[2:]))
+  if earlier is not None:
+    return {k: v for k, v in earlier.items()
+            if k not in ("kind", "model", "slice", "tokens", "rows", "mesh")}
   start = time.perf_counter()
   done = subprocess.run(args, capture_output=True, text=True)
   seconds = time.perf_counter() - start
@@ -81,7 +98,9 @@ def run_aot(model: str, slice_name: str, overrides: dict, serve: dict | None = N
     result = json.loads(last[0])
   except json.JSONDecodeError:
     return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1], "argv": args[2:]}
-  return dict(result, argv=args[2:], seconds=round(seconds, 1))
+  cell = dict(result, argv=args[2:], seconds=round(seconds, 1))
+  COMPILED[json.dumps(cell["argv"])] = cell
+  return cell
 
 
 def train_cell(model, slice_name, tokens) -> dict:
@@ -106,6 +125,31 @@ def fits(cell: dict) -> bool:
   return "error" not in cell and all(p["fits"] for p in cell["programs"])
 
 
+def largest_fitting(cell_at, start: int, limit: int) -> int | None:
+  """The largest start * 2**k <= limit whose cell fits (None if start does not), with
+  the compiled cell next to it that does not fit (unless limit is reached).
+
+  Args:
+    cell_at: size -> the compiled cell (memoized by the caller).
+  """
+  if not fits(cell_at(start)):
+    return None
+  if 2 * start > limit or not fits(cell_at(2 * start)):
+    return start
+  worst = [max(p["per_device"]["total"] for p in cell_at(n)["programs"])
+           for n in (start, 2 * start)]
+  hbm = min(p["hbm_bytes"] for p in cell_at(start)["programs"])
+  slope = (worst[1] - worst[0]) / start
+  size = 2 * start
+  while slope > 0 and 2 * size <= limit and worst[0] + slope * (2 * size - start) <= hbm:
+    size *= 2
+  while size > 2 * start and not fits(cell_at(size)):
+    size //= 2
+  while 2 * size <= limit and fits(cell_at(2 * size)):
+    size *= 2
+  return size
+
+
 def total(cell: dict) -> str:
   if "error" in cell:
     return f"error: {cell['error'][:80]}"
@@ -118,8 +162,14 @@ def main(argv):
   del argv
   cli.start()
   cells = []
+  if FLAGS.output and os.path.exists(FLAGS.output):  # kept, and not compiled again
+    with open(FLAGS.output) as f:
+      cells = [cell for cell in json.load(f) if "error" not in cell]
+    COMPILED.update((json.dumps(cell["argv"]), cell) for cell in cells)
 
   def record(cell):
+    if any(cell["argv"] == other["argv"] for other in cells):
+      return cell  # the same compile under another series (32K x 1 row)
     cells.append(cell)
     print(json.dumps({k: v for k, v in cell.items() if k != "argv"}), file=sys.stderr,
           flush=True)
@@ -129,26 +179,28 @@ def main(argv):
         json.dump(cells, f, indent=1)
     return cell
 
+  def memoized(make_cell):
+    made = {}
+
+    def cell_at(size):
+      if size not in made:
+        made[size] = record(make_cell(size))
+      return made[size]
+    return cell_at
+
   for model in FLAGS.models:
     for slice_name in FLAGS.slices:
+      train_at = memoized(lambda tokens: train_cell(model, slice_name, tokens))
       lengths = [int(t) for t in FLAGS.tokens]
       for tokens in lengths:
-        record(train_cell(model, slice_name, tokens))
-      if FLAGS.longest:
-        tokens = max(lengths)
-        while fits(cells[-1]) and tokens < (1 << 26):
-          tokens *= 2
-          record(train_cell(model, slice_name, tokens))
+        train_at(tokens)
+      if FLAGS.longest and lengths:
+        largest_fitting(train_at, max(lengths), 1 << 26)
       if FLAGS.serve:
-        first = record(serve_cell(model, slice_name, 32768, 1))
-        prompt = 32768
-        while fits(cells[-1]) and prompt < (1 << 24):
-          prompt *= 2
-          record(serve_cell(model, slice_name, prompt, 1))
-        rows, last = 1, first
-        while fits(last) and rows < 1024:
-          rows *= 2
-          last = record(serve_cell(model, slice_name, 32768, rows))
+        largest_fitting(memoized(lambda prompt: serve_cell(model, slice_name, prompt, 1)),
+                        32768, 1 << 24)
+        largest_fitting(memoized(lambda rows: serve_cell(model, slice_name, 32768, rows)),
+                        1, 1024)
 
   print("| model | slice | kind | tokens per row | rows | mesh | per chip (of HBM) | fits |")
   print("|---|---|---|---|---|---|---|---|")
