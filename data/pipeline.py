@@ -109,12 +109,18 @@ def read_documents(path: str, bad_lines: str = "error", skipped: list | None = N
   return documents
 
 
-def load_documents(files, bad_lines: str = "error", skipped: list | None = None) -> list[str]:
-  """Every non-empty document of `files`; `bad_lines` and `skipped` as in read_documents."""
+def iter_documents(files, bad_lines: str = "error", skipped: list | None = None):
+  """The non-empty documents of `files` in load_documents' order, read one file at a time
+  (a reader that needs only the first few stops early); arguments as read_documents'."""
   if bad_lines not in BAD_LINES:
     raise ValueError(f"data.bad_lines={bad_lines!r}: use one of {', '.join(BAD_LINES)}")
-  documents = [doc for path in files for doc in read_documents(path, bad_lines, skipped)
-               if doc.strip()]
+  for path in files:
+    yield from (doc for doc in read_documents(path, bad_lines, skipped) if doc.strip())
+
+
+def load_documents(files, bad_lines: str = "error", skipped: list | None = None) -> list[str]:
+  """Every non-empty document of `files`; `bad_lines` and `skipped` as in read_documents."""
+  documents = list(iter_documents(files, bad_lines, skipped))
   if not documents:
     raise ValueError(f"data.files: the {len(files)} files hold no text")
   return documents
@@ -138,10 +144,15 @@ def corpus_changes(saved: dict, current: dict) -> list[str]:
   return changes + [f"{path} added" for path in current if path not in saved]
 
 
+def held_out(index: int) -> bool:
+  """Whether the corpus' index-th document (load_documents' order) is a validation one."""
+  return index % VALIDATION_EVERY == 0
+
+
 def split(documents):
   """(train, validation) by document index: every VALIDATION_EVERY-th goes to validation."""
-  validation = documents[::VALIDATION_EVERY]
-  train = [doc for i, doc in enumerate(documents) if i % VALIDATION_EVERY]
+  validation = [doc for i, doc in enumerate(documents) if held_out(i)]
+  train = [doc for i, doc in enumerate(documents) if not held_out(i)]
   return train, validation
 
 

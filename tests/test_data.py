@@ -145,6 +145,19 @@ def test_validation_split_is_held_out(corpus):
   assert not any(id(doc) in train_ids for doc in validation)
 
 
+def test_documents_are_read_one_file_at_a_time(tmp_path):
+  (tmp_path / "a.jsonl").write_text("".join(f'{{"text": "doc {i}"}}\n' for i in range(60)))
+  (tmp_path / "b.jsonl").write_bytes(b"not json\n")  # read only if the reader gets there
+  files = pipeline.corpus_files([str(tmp_path / "*.jsonl")])
+  documents = pipeline.iter_documents(files)
+  first = [next(documents) for _ in range(60)]
+  assert first == [f"doc {i}" for i in range(60)]
+  with pytest.raises(pipeline.CorpusError, match="b.jsonl, line 1"):
+    next(documents)
+  train = [doc for i, doc in enumerate(first) if not pipeline.held_out(i)]
+  assert (train, first[::pipeline.VALIDATION_EVERY]) == pipeline.split(first)
+
+
 def test_missing_files_are_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="data.files: nothing matches"):
     pipeline.corpus_files([str(tmp_path / "*.txt")])

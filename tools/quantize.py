@@ -109,9 +109,10 @@ def main(argv):
                                  quantize_group=config.model.quantize_group)
     tokens = None
     if FLAGS.method != "rtn":
-      documents = pipeline.load_documents(pipeline.corpus_files(
+      documents = pipeline.iter_documents(pipeline.corpus_files(
           [p for p in files.split(",") if p.strip()]))
-      train, _ = pipeline.split(documents)
+      # the training documents, read only as far as the calibration rows need
+      train = (doc for i, doc in enumerate(documents) if not pipeline.held_out(i))
       tokens = calibration_rows(train, loading.load_tokenizer(step_dir, saved),
                                 FLAGS.calibration_tokens,
                                 min(CALIBRATION_ROW, target.max_seq_len))
