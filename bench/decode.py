@@ -93,12 +93,13 @@ def decode_flops(model: dict, prompt_lens: list, generated: list) -> float:
 
 
 def cache_bytes_per_token(model: dict, cache_dtype: str) -> int:
-  """Cache bytes of one token (all layers, keys and values; int8 with its float32
-  scales), as model/kv_cache.per_token_bytes counts them."""
-  head_dim = model["hidden_size"] // model["num_attention_heads"]
-  per_head = {"float32": 4 * head_dim, "bfloat16": 2 * head_dim, "int8": head_dim + 4,
-              "float8_e4m3fn": head_dim + 4}
-  return 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * per_head[cache_dtype]
+  """Cache bytes of one token (all layers: keys, values, an 8-bit cache's scales, the
+  position): model/kv_cache.per_token_bytes of `model` (a config.json dict) converted."""
+  import dataclasses
+
+  from model import hf, kv_cache
+  config, _ = hf.model_config_from_hf(dict(model, architectures=["LlamaForCausalLM"]))
+  return kv_cache.per_token_bytes(dataclasses.replace(config, kv_cache_dtype=cache_dtype))
 
 
 def decode_bytes(model: dict, prompt_lens: list, generated: list, weight_bytes: float = 4,
