@@ -247,6 +247,25 @@ EMPTY = 2 ** 30  # position of a padding or unused cache slot: later than every 
 KEY_SLOTS, VALUE_SLOTS, POSITION_SLOTS = 3, 2, 1  # the slot axis of each cache array
 SCALE_SLOTS = 2  # a quantized cache's key and value scales [B, K, C]
 
+# A continuous-batching bfloat16 cache on CPU is held as its bits, in uint16
+# (model/kv_cache.held_dtype): XLA:CPU widens a bfloat16 array to float32 and back to
+# write one token into it (the whole array, every step), and writes integers in place.
+# The bits are read back as bfloat16 only in the slots a step attends to (`live`).
+BITS_OF = {jnp.dtype(jnp.uint16): jnp.dtype(jnp.bfloat16)}
+
+
+def as_held(x, dtype):
+  """`x` as an array of `dtype` holds it: converted, or a bfloat16's bits (BITS_OF)."""
+  dtype = jnp.dtype(dtype)
+  if dtype in BITS_OF:
+    return lax.bitcast_convert_type(x.astype(BITS_OF[dtype]), dtype)
+  return x.astype(dtype)
+
+
+def held_values(x):
+  """The values a cache array holds (bfloat16 for bits, else `x`)."""
+  return lax.bitcast_convert_type(x, BITS_OF[x.dtype]) if x.dtype in BITS_OF else x
+
 
 def cache_spec(axis, ndim, slot_axis):
   """The sharding of a cache array (keys, values, their scales or positions, as above):
@@ -307,7 +326,7 @@ def cache_write(cache, new, step, prompt_slots: int, *, slot_axis: int, mesh,
     return lax.dynamic_update_slice(cache, jnp.where(mine, new, old), start)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, new_spec, jax.P()),
-                       out_specs=spec, check_vma=False)(cache, new.astype(cache.dtype), step)
+                       out_specs=spec, check_vma=False)(cache, as_held(new, cache.dtype), step)
 
 
 def rolling_slot(token, capacity: int, kept: int):
@@ -373,7 +392,7 @@ def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence", rolli
     return jax.vmap(row)(cache, new, fill, mine)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, new_spec, jax.P(spec[0])),
-                       out_specs=spec, check_vma=False)(cache, new.astype(cache.dtype),
+                       out_specs=spec, check_vma=False)(cache, as_held(new, cache.dtype),
                                                         fill.astype(jnp.int32))
 
 
@@ -438,6 +457,7 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
       k, v, kv_pos = k[..., :used], v[:, :, :used], kv_pos[:, :used]
       if is_quantized:
         k_scale, v_scale = k_scale[..., :used], v_scale[..., :used]
+    k, v = held_values(k), held_values(v)  # after the slice: only the live slots
     # [B, L, H, D] -> [B, K, G, L, D]
     grouped = jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim),
                            1, 3)

@@ -120,12 +120,9 @@ SERVE_DTYPES = ("", "float32", "bfloat16")
 
 def serving_precision(config, named: set[str], model: dict, mesh) -> dict:
   """The model fields serve.dtype sets (dtype and param_dtype, unless the command line
-  named model.dtype or model.param_dtype), serve.quantize (model.quantize) and the KV
-  cache's dtype: model.kv_cache_dtype,
-  or when that is "" on a CPU mesh with bfloat16 compute, float32, because XLA:CPU
-  writes a token into a bfloat16 array by rewriting the whole array (measured on the
-  58M model of bench/decode.py, 32 rows x 256 slots: 915 us per layer and step against
-  62 us for float32), which made bf16 decode slower than float32."""
+  named model.dtype or model.param_dtype) and serve.quantize (model.quantize). The KV
+  cache holds model.kv_cache_dtype ("": the compute dtype); how a bfloat16 one is
+  stored on CPU: model/kv_cache.held_dtype."""
   from core.errors import ConfigError
   from model import config as model_config
   dtype = config.serve.dtype
@@ -140,8 +137,4 @@ def serving_precision(config, named: set[str], model: dict, mesh) -> dict:
                       "(the checkpoint's weights)")
   if config.serve.quantize:
     fields["quantize"] = config.serve.quantize
-  compute = fields.get("dtype", model.get("dtype"))
-  platform = next(iter(mesh.devices.flat)).platform
-  if not model.get("kv_cache_dtype") and platform == "cpu" and compute == "bfloat16":
-    fields["kv_cache_dtype"] = "float32"
   return fields

@@ -5,6 +5,7 @@ prompts prefilled in chunks, on one device and on a ring."""
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -103,3 +104,34 @@ def test_decode_steps_of_zero_are_refused_naming_the_field():
   serve.prefill_decode_steps = 0
   with pytest.raises(ConfigError, match="serve.prefill_decode_steps=0.*prefill_decode_steps=2"):
     service.decode_steps_check(serve)
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 8}], ids=["one", "seq8"])
+def test_a_bf16_cache_held_as_bits_decodes_as_a_bf16_cache(mesh_sizes, rng, monkeypatch):
+  """On CPU the slot engine's bfloat16 cache is stored as uint16 bits
+  (model/kv_cache.held_dtype): its tokens and log-probabilities are exactly those of the
+  same cache held as bfloat16."""
+  import dataclasses
+
+  from model import kv_cache
+  devices = jax.devices()[:1] if mesh_sizes == {"data": 1} else None
+  config = dataclasses.replace(CONFIG, dtype="bfloat16")
+  requests = [Request(line=i, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
+                      max_tokens=6, logprobs=True) for i, n in enumerate((3, 40, 17))]
+  outcomes = {}
+  for held in ("bits", "bfloat16"):
+    if held == "bfloat16":
+      monkeypatch.setattr(kv_cache, "held_dtype",
+                          lambda dtype, mesh, live_slices: jnp.dtype(dtype))
+    mesh = mesh_lib.make_mesh(mesh_sizes, devices=devices)
+    model = transformer.create(config, mesh, seed=7)
+    ring = mesh.shape["sequence"]
+    chunks = chunk_sizes(16, 32, ring)
+    engine = SlotEngine(model, mesh, slots=2, chunks=chunks, decode_steps=3, min_live=16,
+                        capacity=SlotEngine.capacity_for(64, chunks[-1], ring))
+    engine.reset()
+    assert engine.cache.keys[0].dtype == (jnp.uint16 if held == "bits" else jnp.bfloat16)
+    jobs = serve_all(Scheduler(engine), requests)
+    outcomes[held] = [(j.completion.tokens, j.completion.logprobs) for j in jobs]
+  assert outcomes["bits"] == outcomes["bfloat16"]
+  assert all(len(tokens) == 6 for tokens, _ in outcomes["bits"])
