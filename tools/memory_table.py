@@ -34,6 +34,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -153,6 +154,11 @@ def largest_fitting(cell_at, start: int, limit: int) -> int | None:
 def total(cell: dict) -> str:
   if "error" in cell:
     return f"error: {cell['error'][:80]}"
+  refused = [p["error"] for p in cell["programs"] if "per_device" not in p]
+  if refused:  # XLA's refusal: "... temporaries (145.89G) exceeds available HBM (95.74G)."
+    needed = re.search(r"\(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)", refused[0])
+    return (f"XLA: {needed[1]} of temporaries, {needed[2]} available" if needed else
+            f"XLA: {refused[0][:80]}")
   worst = max(cell["programs"], key=lambda p: p["per_device"]["total"])
   used = worst["per_device"]["total"]
   return f"{used / GIB:.1f} GiB ({100 * used / worst['hbm_bytes']:.0f}%)"
@@ -202,14 +208,21 @@ def main(argv):
         largest_fitting(memoized(lambda rows: serve_cell(model, slice_name, 32768, rows)),
                         1, 1024)
 
-  print("| model | slice | kind | tokens per row | rows | mesh | per chip (of HBM) | fits |")
-  print("|---|---|---|---|---|---|---|---|")
-  for cell in cells:
+  print(markdown(cells))
+
+
+def markdown(cells: list) -> str:
+  """The table of `cells` (as --output holds them), by model, slice, kind and size."""
+  order = lambda c: (c["model"], c["slice"], c["kind"], c.get("rows", 0), c["tokens"])
+  lines = ["| model | slice | kind | tokens per row | rows | mesh | per chip (of HBM) | fits |",
+           "|---|---|---|---|---|---|---|---|"]
+  for cell in sorted(cells, key=order):
     mesh = cell.get("mesh")
     mesh = f"fsdp {mesh['fsdp']} x sequence {mesh['sequence']}" if mesh else "serve.py's"
     rows = cell["mesh"]["rows"] if cell["kind"] == "train" else cell["rows"]
-    print(f"| {cell['model']} | {cell['slice']} | {cell['kind']} | {cell['tokens']:,} | "
-          f"{rows} | {mesh} | {total(cell)} | {'yes' if fits(cell) else 'no'} |")
+    lines.append(f"| {cell['model']} | {cell['slice']} | {cell['kind']} | {cell['tokens']:,} | "
+                 f"{rows} | {mesh} | {total(cell)} | {'yes' if fits(cell) else 'no'} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
