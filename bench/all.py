@@ -164,7 +164,9 @@ def _machine_line(results: dict) -> str:
     return " / ".join(f"{m['peak_flops'] / 1e9:.0f} ({dtype})" for dtype, m in matmul.items())
   peaks = ", ".join(f"{name} {peak(results[name]['matmul'])}"
                     for name in ("attention", "train", "decode") if "matmul" in results[name])
-  return (f"Machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} "
+  features = ", ".join(machine.get("cpu_features", [])) or "not recorded"
+  return (f"Machine: {machine['cpu']} ({features}), {machine['cores']} cores, "
+          f"jax {machine['jax']} "
           f"({machine['backend']}). Matmul peak measured in each benchmark's process "
           f"(GFLOP/s): {peaks}.")
 

@@ -14,14 +14,22 @@ from training.peak import matmul_peak, time_compiled  # noqa: F401  (the benchma
 cli.pin_platforms()  # CPU, even with libtpu installed (before any benchmark starts JAX)
 
 
+# CPU features that decide bf16 and int8 matmul speed (torch's and XLA's): with AMX a
+# bf16 product runs several times float32's; with avx512_bf16 alone, about as fast.
+MATMUL_FEATURES = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f")
+
+
 def machine() -> dict:
-  cpu = platform.processor() or "unknown"
+  cpu, flags = platform.processor() or "unknown", set()
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+      lines = f.read().splitlines()
+    cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
   except (OSError, StopIteration):
     pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
+  return {"cpu": cpu, "cpu_features": [f for f in MATMUL_FEATURES if f in flags],
+          "cores": os.cpu_count(), "jax": jax.__version__,
           "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
