@@ -12,8 +12,8 @@ tools/convert_hf.py. Each server runs alone on the machine's cores:
                 --config.serve.dtype=DTYPE
   transformers  transformers serve --continuous-batching --dtype DTYPE --device cpu
 Both in the same precision, --dtype (default bfloat16, what serve.py serves in; until
-2026-12-06 the peer ran float32 while serve.py had moved to bfloat16). On CPU ringlm keeps
-its KV cache in float32 (serving/loading.serving_precision says why).
+2026-12-06 the peer ran float32 while serve.py had moved to bfloat16). On CPU ringlm holds
+its bf16 KV cache as the bits (model/kv_cache.held_dtype says why).
 Load: a bounded number of requests with Poisson arrivals at each rate (the same
 seeded arrival times, prompts and lengths for both servers), prompts of 32-1536
 tokens of Python source (log-uniform), 16-96 new tokens, greedy, streamed
