@@ -87,9 +87,16 @@ def _process_start() -> float:
 
 
 def _compilation_cache(config):
+  """JAX's persistent compilation cache: serve.compilation_cache, else
+  $RINGLM_COMPILATION_CACHE, else ~/.cache/ringlm/jax (under $XDG_CACHE_HOME when set);
+  "none" turns it off. A restart with the same shapes loads its programs instead of
+  compiling them (the HTTP server's 76 programs on the test model: 163 s cold, 27 s
+  from the cache), as MaxText's jax_cache_dir does by default."""
   import jax
-  directory = config.serve.compilation_cache or os.environ.get("RINGLM_COMPILATION_CACHE", "")
-  if directory:
+  directory = (config.serve.compilation_cache or os.environ.get("RINGLM_COMPILATION_CACHE")
+               or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                               os.path.expanduser("~/.cache"), "ringlm", "jax"))
+  if directory != "none":
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

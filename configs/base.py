@@ -104,8 +104,9 @@ def get_config():
   config.serve.decode_chunk = 32     # decode steps per compiled call (stop strings are
                                      # checked between calls)
   config.serve.max_tokens = 16       # default max_tokens of a request
-  config.serve.compilation_cache = ""  # JAX persistent compilation cache directory
-                                       # ("" = $RINGLM_COMPILATION_CACHE, unset = none)
+  config.serve.compilation_cache = ""  # JAX persistent compilation cache directory ("":
+                                       # $RINGLM_COMPILATION_CACHE, else ~/.cache/ringlm/jax;
+                                       # "none": off)
   # The HTTP server (serve.py --port; docs/serving.md): batch_size decode slots.
   config.serve.prefill_chunk = 512   # longest prompt chunk prefilled between decode calls
   config.serve.slot_decode_steps = 8  # decode steps per call (new requests join between)

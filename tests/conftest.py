@@ -5,6 +5,15 @@ import zlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# The serve.py processes tests start share one compilation cache, in a directory of this
+# run's (not the user's ~/.cache/ringlm/jax): a later server with the same shapes starts
+# from it, and nothing outlives the run.
+if "RINGLM_COMPILATION_CACHE" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  os.environ["RINGLM_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ringlm-test-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["RINGLM_COMPILATION_CACHE"], ignore_errors=True)
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import numpy as np  # noqa: E402

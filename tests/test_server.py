@@ -405,12 +405,16 @@ def test_api_key_queue_limit_and_draining_shutdown(checkpoint):
     server.terminate()
 
 
-@pytest.mark.parametrize("budget_mb,words", [
-    (4, "--config.serve.batch_size="), (1, "not even one request of that length fits")])
-def test_a_kv_cache_that_does_not_fit_is_refused_before_compiling(checkpoint, budget_mb, words):
+# (1 MiB holds one request of the test model with a bf16 cache: the float32 one does not)
+@pytest.mark.parametrize("budget_mb,cache,words", [
+    (4, "", "--config.serve.batch_size="),
+    (1, "float32", "not even one request of that length fits")])
+def test_a_kv_cache_that_does_not_fit_is_refused_before_compiling(checkpoint, budget_mb, cache,
+                                                                  words):
   result = subprocess.run(
       [sys.executable, "serve.py", f"--checkpoint={checkpoint}", f"--port={free_port()}",
        "--cpu_devices=2", f"--config.serve.memory_budget_mb={budget_mb}",
+       f"--config.model.kv_cache_dtype={cache}",
        "--config.serve.prefix_cache_mb=0"], cwd=ROOT, capture_output=True, text=True,
       env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT), timeout=300)
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
