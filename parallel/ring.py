@@ -255,7 +255,8 @@ BITS_OF = {jnp.dtype(jnp.uint16): jnp.dtype(jnp.bfloat16)}
 
 
 def as_held(x, dtype):
-  """`x` as an array of `dtype` holds it: converted, or a bfloat16's bits (BITS_OF)."""
+  """`x` (any shape and sharding, e.g. a step's new keys [B, K, D, L]) as a cache array of
+  `dtype` holds it: converted, or as a bfloat16's bits (BITS_OF)."""
   dtype = jnp.dtype(dtype)
   if dtype in BITS_OF:
     return lax.bitcast_convert_type(x.astype(BITS_OF[dtype]), dtype)
@@ -263,7 +264,8 @@ def as_held(x, dtype):
 
 
 def held_values(x):
-  """The values a cache array holds (bfloat16 for bits, else `x`)."""
+  """The values a cache array `x` (any shape; its sharding kept) holds: bfloat16 for
+  bits, else `x` itself."""
   return lax.bitcast_convert_type(x, BITS_OF[x.dtype]) if x.dtype in BITS_OF else x
 
 

@@ -381,9 +381,9 @@ def test_api_key_queue_limit_and_draining_shutdown(checkpoint):
 
     # SIGTERM with 8 requests accepted: every one is finished, new ones get 503, exit 0.
     # (8 x 200 tokens drained in 1.4 s here, which can be over before a request sent
-    # 0.5 s after the signal arrives: the drain is made seconds long, and the request
-    # follows the first 503 on /health.)
-    longer = dict(long, max_tokens=300)
+    # 0.5 s after the signal arrives: one decode step per call makes the drain seconds
+    # long, and the request follows the first 503 on /health.)
+    longer = dict(long, max_tokens=200)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
       accepted = [pool.submit(client.completions.create, **longer) for _ in range(8)]
       deadline = time.monotonic() + 60
@@ -398,7 +398,7 @@ def test_api_key_queue_limit_and_draining_shutdown(checkpoint):
                            headers={"Authorization": "Bearer sesame"})
       assert refused.status_code == 503, refused.text
       assert "draining" in refused.json()["error"]["message"]
-      assert [outcome(f) for f in accepted] == [300] * 8
+      assert [outcome(f) for f in accepted] == [200] * 8
     assert server.process.wait(120) == 0, server.output()
     assert re.search(r"draining: [78] requests in flight", server.output()), server.output()
   finally:

@@ -106,7 +106,8 @@ def test_decode_steps_of_zero_are_refused_naming_the_field():
     service.decode_steps_check(serve)
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"sequence": 8}], ids=["one", "seq8"])
+@pytest.mark.parametrize("mesh_sizes", [
+    {"data": 1}, pytest.param({"sequence": 8}, marks=pytest.mark.slow)], ids=["one", "seq8"])
 def test_a_bf16_cache_held_as_bits_decodes_as_a_bf16_cache(mesh_sizes, rng, monkeypatch):
   """On CPU the slot engine's bfloat16 cache is stored as uint16 bits
   (model/kv_cache.held_dtype): its tokens and log-probabilities are exactly those of the
