@@ -106,13 +106,14 @@ class Server:
   def _token_text(self, token: int) -> str:
     return self.tokenizer.decode([token]) if self.tokenizer is not None else str(token)
 
-  def _visible_text(self, job) -> str:
-    """The completion's text that is safe to send so far: once the job ended, all of it;
-    before, what no stop string could still cut and no incomplete character ends."""
+  def _visible_text(self, job, done: bool) -> str:
+    """The completion's text that is safe to send so far: once the job ended (`done`, as
+    the caller read it before this call), all of it; before, what no stop string could
+    still cut and no incomplete character ends."""
     completion = job.completion
     if self.tokenizer is None:
       return ""
-    if job.done:
+    if done:
       return completion.completion or ""
     text = completion.text(self.tokenizer).rstrip("\ufffd")
     hold = max((len(s) for s in job.request.stop), default=1) - 1
@@ -158,7 +159,8 @@ class Server:
     completion = job.completion
     return openai_format.response_body(
         chat_mode=chat_mode, ident=ident, created=int(time.time()),
-        model_name=self.model_name, text=self._visible_text(job), tokens=completion.tokens,
+        model_name=self.model_name, text=self._visible_text(job, job.done),
+        tokens=completion.tokens,
         logprobs=completion.logprobs if job.request.logprobs else None,
         finish_reason=completion.finish_reason, prompt_tokens=len(job.request.prompt_tokens),
         cached_tokens=job.cached_tokens, token_text=self._token_text)
@@ -191,11 +193,14 @@ class Server:
       while True:
         await changed.wait()
         changed.clear()
-        text = self._visible_text(job)
+        # `done` read once, before the text: the scheduler may end the job in between,
+        # and a text read as unfinished would hold back its last incomplete character
+        done = job.done
+        text = self._visible_text(job, done)
         if len(text) > sent:
           yield chunk(text[sent:])
           sent = len(text)
-        if job.done:
+        if done:
           break
       if job.error is not None:
         error = ApiError(500, f"the request failed: {job.error}")
