@@ -211,18 +211,17 @@ class Service:
     """Refuses new requests (503) and waits up to `timeout_s` for those in flight; then
     stops the scheduler, which ends what is left with an error."""
     self.server.state = "draining"
-    start = time.monotonic()
-    in_flight = self.scheduler.in_flight() if self.scheduler is not None else 0
+    scheduler, start = self.scheduler, time.monotonic()
+    in_flight = scheduler.in_flight() if scheduler is not None else 0
     log.info("draining: %d requests in flight, up to %.0f s (serve.drain_s)", in_flight,
              timeout_s)
-    while self.scheduler is not None and self.scheduler.in_flight() and \
-        time.monotonic() < start + timeout_s:
+    while in_flight and time.monotonic() < start + timeout_s:
       time.sleep(0.05)
-    left = self.scheduler.in_flight() if self.scheduler is not None else 0
-    if self.scheduler is not None:
-      self.scheduler.stop()
+      in_flight = scheduler.in_flight()
+    if scheduler is not None:
+      scheduler.stop()
     log.info("drained in %.1f s%s; exiting", time.monotonic() - start,
-             f" ({left} requests ended with an error)" if left else "")
+             f" ({in_flight} requests ended with an error)" if in_flight else "")
 
 
 def run(service: Service, host: str, port: int, log_level: str = "warning") -> int:

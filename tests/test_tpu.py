@@ -319,7 +319,7 @@ def test_the_memory_table_lays_cells_and_resumes_its_file(monkeypatch):
   monkeypatch.setattr(memory_table, "COMPILED", {})
   first = memory_table.run_aot("llama3_8b", "v5p-128", {"data.seq_len": 32768})
   assert len(runs) == 1 and first["programs"] == []
-  # a part that resumes the file: the same arguments are not compiled again
+  # a cell as main() loads it from --output: the same arguments are not compiled again
   memory_table.COMPILED[json.dumps(first["argv"])] = dict(first, kind="train", mesh={})
   again = memory_table.run_aot("llama3_8b", "v5p-128", {"data.seq_len": 32768})
   assert len(runs) == 1 and again == first
@@ -332,7 +332,7 @@ def test_the_longest_that_fits_is_a_compiled_pair_of_cells(limit_bytes):
   from tools import memory_table
   compiled = []
 
-  def cell_at(size):  # bytes = 1000 + 10 per unit, and 2% more past 4096 units
+  def cell_at(size):  # bytes = 1000 + 10 per unit, and 20% more past 4096 units
     if size not in compiled:
       compiled.append(size)
     total = 1000 + 10 * size + (size > 4096) * size // 5

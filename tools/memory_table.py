@@ -131,7 +131,7 @@ def largest_fitting(cell_at, start: int, limit: int) -> int | None:
   the compiled cell next to it that does not fit (unless limit is reached).
 
   Args:
-    cell_at: size -> the compiled cell (memoized by the caller).
+    cell_at: size -> the compiled cell (asked for the same size more than once).
   """
   if not fits(cell_at(start)):
     return None
@@ -185,27 +185,20 @@ def main(argv):
         json.dump(cells, f, indent=1)
     return cell
 
-  def memoized(make_cell):
-    made = {}
-
-    def cell_at(size):
-      if size not in made:
-        made[size] = record(make_cell(size))
-      return made[size]
-    return cell_at
-
+  # (run_aot compiles each argument list once and `record` keeps each cell once, so a
+  # search may ask for the same size again)
   for model in FLAGS.models:
     for slice_name in FLAGS.slices:
-      train_at = memoized(lambda tokens: train_cell(model, slice_name, tokens))
+      train_at = lambda tokens: record(train_cell(model, slice_name, tokens))
       lengths = [int(t) for t in FLAGS.tokens]
       for tokens in lengths:
         train_at(tokens)
       if FLAGS.longest and lengths:
         largest_fitting(train_at, max(lengths), 1 << 26)
       if FLAGS.serve:
-        largest_fitting(memoized(lambda prompt: serve_cell(model, slice_name, prompt, 1)),
+        largest_fitting(lambda prompt: record(serve_cell(model, slice_name, prompt, 1)),
                         32768, 1 << 24)
-        largest_fitting(memoized(lambda rows: serve_cell(model, slice_name, 32768, rows)),
+        largest_fitting(lambda rows: record(serve_cell(model, slice_name, 32768, rows)),
                         1, 1024)
 
   print(markdown(cells))
