@@ -96,6 +96,34 @@ def test_block_attention_matches_reference(impl, case, dtype, rng):
     assert _relative_error(grad, ref_grad) < tol, name
 
 
+@pytest.mark.parametrize("case", ["long-packed-gqa", "ragged-lengths", "window-long-sinks"])
+def test_tpu_kernels_split_a_table_too_large_for_smem(case, rng):
+  """A skip table over `table_entries` splits the call into spans (query spans for the
+  forward and dQ, key spans for dK/dV; pallas_tpu's docstring): the same results as the
+  one call and the float64 reference. Here at most 4 entries a call: 5 x 3 blocks of
+  "long-packed-gqa" become 5 forward and dQ calls and 3 dK/dV calls."""
+  kwargs, causal, block, window, sinks = (CASES[case] + (0, 0))[:5]
+  q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout = attention_inputs(rng, **kwargs)
+  scale = 0.7 / np.sqrt(q.shape[-1])
+  opts = dict(causal=causal, scale=scale, block_q=block, block_kv=block, window=window,
+              sinks=sinks)
+  tokens = (q_pos, kv_pos, q_seg, kv_seg)
+  out, lse = pallas_tpu.block_attention(q, k, v, *tokens, **opts, table_entries=4)
+  whole_out, whole_lse = pallas_tpu.block_attention(q, k, v, *tokens, **opts)
+  np.testing.assert_allclose(out, whole_out, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(lse, whole_lse, rtol=1e-6, atol=1e-6)
+  ref_out, _ = reference.attention(q, k, v, *tokens, causal=causal, scale=scale,
+                                   window=window, sinks=sinks)
+  assert _relative_error(out, ref_out) < TOLERANCE[np.float32]
+  grads = pallas_tpu.block_attention_bwd(q, k, v, *tokens, out, lse, dout, **opts,
+                                         table_entries=4)
+  ref_grads = reference.attention_grads(q, k, v, *tokens, dout, causal=causal, scale=scale,
+                                        window=window, sinks=sinks)
+  for name, grad, ref_grad, like in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+    assert grad.shape == like.shape, name
+    assert _relative_error(grad, ref_grad) < TOLERANCE[np.float32], name
+
+
 def test_causal_blocks_above_the_diagonal_are_skipped():
   """The skip table marks exactly the block pairs that hold a visible key."""
   positions = np.arange(128, dtype=np.int32)[None]

@@ -65,6 +65,33 @@ def test_windowed_kernels_compile_with_mosaic(generation):
   assert hlo.count('custom_call_target="tpu_custom_call"') == 2
 
 
+def test_skip_tables_beyond_smem_are_split():
+  """256K tokens against 256K keys in one call (a 16M-token prompt's block on each of 64
+  chips): unsplit, the two [512, 512] int32 skip tables need 2 MiB of v5p's 1 MiB SMEM and
+  Mosaic refuses them; split at TABLE_ENTRIES they compile, 4 forward calls and 4 + 4
+  backward calls."""
+  device = topology.devices(GENERATIONS["v5p"])[0]
+  array = lambda *shape, dtype=jnp.bfloat16: _abstract(
+      jax.sharding.SingleDeviceSharding(device), *shape, dtype=dtype)
+  length = 512 * pallas_tpu.BLOCK_Q
+  q = array(1, length, 1, 128)
+  tokens = [array(1, length, dtype=jnp.int32)] * 4
+  lse = array(1, length, 1, dtype=jnp.float32)
+
+  def compiled(table_entries):
+    opts = dict(causal=True, scale=128 ** -0.5, interpret=False, table_entries=table_entries)
+    forward = jax.jit(lambda q, k, v, *t: pallas_tpu.block_attention(q, k, v, *t, **opts))
+    backward = jax.jit(lambda *args: pallas_tpu.block_attention_bwd(*args, **opts))
+    return (forward.lower(q, q, q, *tokens).compile().as_text(),
+            backward.lower(q, q, q, *tokens, q, lse, q).compile().as_text())
+
+  with pytest.raises(Exception, match="out of memory in memory space smem"):
+    compiled(512 * 512)
+  forward, backward = compiled(pallas_tpu.TABLE_ENTRIES)
+  assert forward.count('custom_call_target="tpu_custom_call"') == 4
+  assert backward.count('custom_call_target="tpu_custom_call"') == 8
+
+
 def _ring_program(mesh, length=8192, heads=8, kv_heads=2, head_dim=128, impl="auto",
                   window=0):
   """The compiled forward and backward of ring attention over `mesh`'s sequence axis."""

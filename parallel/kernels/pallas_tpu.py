@@ -17,7 +17,12 @@ block_kv to a multiple of 128 (or the whole padded length when that is shorter).
 Skipping. Two scalar-prefetched [nq, nk] int32 tables: `table` (may q block i see kv
 block j, masking.block_table) gates the compute with pl.when, and `fetch` names the
 block to load at each step: for a skipped step it repeats the previous block index,
-so the pipeline issues no DMA (masking.fetch_table).
+so the pipeline issues no DMA (masking.fetch_table). Both tables live in SMEM (1 MiB
+on v4-v6e): a call whose table would hold more than `table_entries` (TABLE_ENTRIES)
+entries is split into calls over spans of whole blocks, each with its own smaller table:
+query spans for the forward and dQ, key spans for dK/dV, so no call sums into another's
+output. (Unsplit, a 256K-token block on each of 64 chips, as a 16M-token prompt is
+prefilled, needs 512 x 512 blocks: 2 MiB of tables, which Mosaic refuses.)
 
 Grids and BlockSpecs (G = H // K query heads per kv head; the kv head of query head h
 is h // G, taken in the index maps, so KV is never repeated in HBM). Grid indices are
@@ -53,6 +58,26 @@ from parallel.kernels.common import NEG_INF, dot, round_up
 
 LANES, SUBLANES = 128, 8
 BLOCK_Q, BLOCK_KV = 512, 512
+TABLE_ENTRIES = 65536  # per skip table: the two int32 tables then take 512 KiB of SMEM
+
+
+def _blocks(q_len, kv_len, block_q, block_kv):
+  """The (block_q, block_kv) a call uses: rounded up to Mosaic's tiles (8 rows, 128 lanes),
+  at most the (tile-rounded) length."""
+  block_q, block_kv = round_up(block_q, SUBLANES), round_up(block_kv, LANES)
+  return min(block_q, round_up(q_len, SUBLANES)), min(block_kv, round_up(kv_len, SUBLANES))
+
+
+def _spans(length, block, other_blocks, table_entries):
+  """[(start, stop)] cutting a `length`-token axis into spans of whole `block`s, each
+  span's blocks x `other_blocks` at most `table_entries` (at least one block a span)."""
+  step = max(1, table_entries // other_blocks) * block
+  return [(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def _rows(x, span):
+  """x[:, start:stop] (every per-token array here has tokens on axis 1)."""
+  return x[:, span[0]:span[1]]
 
 
 class _Plan:
@@ -62,10 +87,8 @@ class _Plan:
     masking.check_window(*rule)
     batch, q_len, q_heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    block_q, block_kv = round_up(block_q, SUBLANES), round_up(block_kv, LANES)  # Mosaic tiles
     self.group = q_heads // kv_heads
-    self.block_q = min(block_q, round_up(q_len, SUBLANES))
-    self.block_kv = min(block_kv, round_up(kv_len, SUBLANES))
+    self.block_q, self.block_kv = _blocks(q_len, kv_len, block_q, block_kv)
     self.q_len, self.kv_len = round_up(q_len, self.block_q), round_up(kv_len, self.block_kv)
     self.num_q, self.num_kv = self.q_len // self.block_q, self.kv_len // self.block_kv
     q_pos, kv_pos, q_seg, kv_seg = masking.pad_tokens(q_pos, kv_pos, q_seg, kv_seg,
@@ -205,13 +228,24 @@ def _forward_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_
     lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-@common.kernel_jit("interpret")
+@common.kernel_jit("interpret", "table_entries")
 def block_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale, block_q=BLOCK_Q,
-                    block_kv=BLOCK_KV, window=0, sinks=0, interpret=None):
+                    block_kv=BLOCK_KV, window=0, sinks=0, interpret=None,
+                    table_entries=TABLE_ENTRIES):
   """Forward; see the module docstring. window / sinks: the sliding window (masking.py;
-  0: none). interpret=None: interpret mode on CPU only."""
+  0: none). interpret=None: interpret mode on CPU only. table_entries: the largest skip
+  table one call may have; a longer q is split into spans (the module docstring)."""
+  block_q, block_kv = _blocks(q.shape[1], k.shape[1], block_q, block_kv)
+  spans = _spans(q.shape[1], block_q, -(-k.shape[1] // block_kv), table_entries)
+  parts = [_forward(_rows(q, span), k, v, _rows(q_pos, span), kv_pos, _rows(q_seg, span),
+                    kv_seg, (causal, window, sinks), scale, block_q, block_kv, interpret)
+           for span in spans]
+  return tuple(jnp.concatenate(x, axis=1) for x in zip(*parts)) if len(parts) > 1 else parts[0]
+
+
+def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, rule, scale, block_q, block_kv, interpret):
+  """One forward call: out [B, L, H, D], lse [B, L, H]."""
   batch, q_len, q_heads, head_dim = q.shape
-  rule = (causal, window, sinks)
   plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, rule, block_q, block_kv)
   bq = plan.block_q
   q_spec, kv_spec, rows_spec, token_specs = plan.specs(head_dim, *_query_grid_maps(plan.group))
@@ -286,11 +320,41 @@ def _dq_kernel(table_ref, fetch_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, del
     dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 
-@common.kernel_jit("interpret")
+@common.kernel_jit("interpret", "table_entries")
 def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *, causal, scale,
-                        block_q=BLOCK_Q, block_kv=BLOCK_KV, window=0, sinks=0, interpret=None):
-  """(dq, dk, dv) of this block's share, from the final out and lse [B, L, H]."""
+                        block_q=BLOCK_Q, block_kv=BLOCK_KV, window=0, sinks=0, interpret=None,
+                        table_entries=TABLE_ENTRIES):
+  """(dq, dk, dv) of this block's share, from the final out and lse [B, L, H]. A table
+  over `table_entries` splits dQ over query spans and dK/dV over key spans."""
   rule = (causal, window, sinks)
+  block_q, block_kv = _blocks(q.shape[1], k.shape[1], block_q, block_kv)
+  num_q, num_kv = -(-q.shape[1] // block_q), -(-k.shape[1] // block_kv)
+  if num_q * num_kv <= table_entries:
+    return _backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, rule, scale,
+                     block_q, block_kv, interpret)
+  q_rows = (q, q_pos, q_seg, out, lse, dout)
+  dq = [_backward(*_q_side(q_rows, k, v, kv_pos, kv_seg, span), rule, scale, block_q,
+                  block_kv, interpret, grads="dq")[0]
+        for span in _spans(q.shape[1], block_q, num_kv, table_entries)]
+  dkv = [_backward(*_q_side(q_rows, _rows(k, span), _rows(v, span), _rows(kv_pos, span),
+                            _rows(kv_seg, span), None), rule, scale, block_q, block_kv,
+                   interpret, grads="dkv")[1:]
+         for span in _spans(k.shape[1], block_kv, num_q, table_entries)]
+  dk, dv = (jnp.concatenate(x, axis=1) for x in zip(*dkv))
+  return jnp.concatenate(dq, axis=1), dk, dv
+
+
+def _q_side(q_rows, k, v, kv_pos, kv_seg, span):
+  """_backward's arguments from the query-side arrays (q, q_pos, q_seg, out, lse, dout),
+  cut to `span` (None: whole), and the key side."""
+  q, q_pos, q_seg, out, lse, dout = (x if span is None else _rows(x, span) for x in q_rows)
+  return q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout
+
+
+def _backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, rule, scale, block_q,
+              block_kv, interpret, grads="dq dkv"):
+  """One call of the `grads` kernels ("dq", "dkv" or both): (dq, dk, dv), None for the
+  ones not asked for."""
   plan = _Plan(q, k, q_pos, kv_pos, q_seg, kv_seg, rule, block_q, block_kv)
   batch, head_dim, group, num_q = q.shape[0], q.shape[3], plan.group, plan.num_q
 
@@ -314,22 +378,25 @@ def block_attention_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, *
         in_specs=[q_spec, kv_spec, kv_spec, q_spec, rows_spec, rows_spec, *token_specs],
         out_specs=out_specs, scratch_shapes=scratch)
 
+  back = lambda x, length: x.transpose(0, 2, 1, 3)[:, :length]
+  dq = dk = dv = None
   # dK/dV: t walks (query head of the group, query block).
-  dk, dv = _call(
-      functools.partial(_dkv_kernel, rule=rule, scale=scale, num_q=num_q),
-      grid_spec((batch, k.shape[2], plan.num_kv, group * num_q), _key_grid_maps(group, num_q),
-                writes_kv=True),
-      [jax.ShapeDtypeStruct(k_t.shape, k.dtype), jax.ShapeDtypeStruct(v_t.shape, v.dtype)],
-      interpret, "ringlm_attention_dkv",
-  )(plan.table.T, plan.fetch_q, *operands)
+  if "dkv" in grads:
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, rule=rule, scale=scale, num_q=num_q),
+        grid_spec((batch, k.shape[2], plan.num_kv, group * num_q),
+                  _key_grid_maps(group, num_q), writes_kv=True),
+        [jax.ShapeDtypeStruct(k_t.shape, k.dtype), jax.ShapeDtypeStruct(v_t.shape, v.dtype)],
+        interpret, "ringlm_attention_dkv",
+    )(plan.table.T, plan.fetch_q, *operands)
+    dk, dv = back(dk, k.shape[1]), back(dv, k.shape[1])
 
   # dQ: like the forward.
-  dq = _call(
-      functools.partial(_dq_kernel, rule=rule, scale=scale),
-      grid_spec((batch, q.shape[2], num_q, plan.num_kv), _query_grid_maps(group),
-                writes_kv=False),
-      jax.ShapeDtypeStruct(q_t.shape, q.dtype), interpret, "ringlm_attention_dq",
-  )(plan.table, plan.fetch_kv, *operands)
-
-  back = lambda x, length: x.transpose(0, 2, 1, 3)[:, :length]
-  return back(dq, q.shape[1]), back(dk, k.shape[1]), back(dv, k.shape[1])
+  if "dq" in grads:
+    dq = back(_call(
+        functools.partial(_dq_kernel, rule=rule, scale=scale),
+        grid_spec((batch, q.shape[2], num_q, plan.num_kv), _query_grid_maps(group),
+                  writes_kv=False),
+        jax.ShapeDtypeStruct(q_t.shape, q.dtype), interpret, "ringlm_attention_dq",
+    )(plan.table, plan.fetch_kv, *operands), q.shape[1])
+  return dq, dk, dv
