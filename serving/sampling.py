@@ -12,7 +12,10 @@ def sample(logits, temperature, top_k, top_p, seeds, token_index, *, sampling: b
     temperature, top_p: [B] float32; top_k: [B] int32 (0: no limit); seeds: [B] uint32.
     token_index: [B] int32, the index of the token being generated (with the seed it
       makes the row's random key, so a request samples the same tokens in any batch).
-    sampling: False when every row is greedy (argmax only: nothing else is compiled).
+    sampling: False when every row is greedy (argmax only: nothing else is compiled);
+      True compiles the sampler too, and it runs only when some row's temperature is
+      above 0 (lax.cond), so one program serves greedy and sampled batches at greedy
+      speed for the first.
   Returns:
     (tokens [B] int32, log p(token) [B] float32 under softmax(logits)).
   """
@@ -24,21 +27,28 @@ def sample(logits, temperature, top_k, top_p, seeds, token_index, *, sampling: b
   tokens = jnp.minimum(jnp.min(jnp.where(logits == top, index, vocab), axis=-1), vocab - 1)
   log_normalizer = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
   if sampling:
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    descending = -jnp.sort(-scaled, axis=-1)
-    kth = jnp.take_along_axis(descending, (jnp.clip(top_k, 1, vocab) - 1)[:, None], -1)
-    kth = jnp.where(top_k[:, None] > 0, kth, -jnp.inf)
-    descending = jnp.where(descending >= kth, descending, -jnp.inf)
-    # top-p: the smallest head of the (top-k) distribution whose mass reaches p
-    cumulative = jnp.cumsum(jax.nn.softmax(descending, axis=-1), axis=-1)
-    cut = jnp.sum(cumulative < top_p[:, None], axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, jnp.take_along_axis(descending, jnp.minimum(cut, vocab - 1), -1))
-    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    keys = jax.vmap(lambda seed, index: jax.random.fold_in(jax.random.key(seed), index))(
-        seeds, token_index)
-    sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-    tokens = jnp.where(temperature > 0, sampled, tokens)
+    tokens = jax.lax.cond(jnp.any(temperature > 0), _sampled, lambda *operands: operands[-1],
+                          logits, temperature, top_k, top_p, seeds, token_index, tokens)
   return tokens, jnp.take_along_axis(logits, tokens[:, None], -1)[:, 0] - log_normalizer
+
+
+def _sampled(logits, temperature, top_k, top_p, seeds, token_index, greedy):
+  """sample's tokens when some row samples (rows at temperature 0 keep `greedy`)."""
+  vocab = logits.shape[-1]
+  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+  descending = -jnp.sort(-scaled, axis=-1)
+  kth = jnp.take_along_axis(descending, (jnp.clip(top_k, 1, vocab) - 1)[:, None], -1)
+  kth = jnp.where(top_k[:, None] > 0, kth, -jnp.inf)
+  descending = jnp.where(descending >= kth, descending, -jnp.inf)
+  # top-p: the smallest head of the (top-k) distribution whose mass reaches p
+  cumulative = jnp.cumsum(jax.nn.softmax(descending, axis=-1), axis=-1)
+  cut = jnp.sum(cumulative < top_p[:, None], axis=-1, keepdims=True)
+  threshold = jnp.maximum(kth, jnp.take_along_axis(descending, jnp.minimum(cut, vocab - 1), -1))
+  masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  keys = jax.vmap(lambda seed, index: jax.random.fold_in(jax.random.key(seed), index))(
+      seeds, token_index)
+  sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
 
 
 def decode_step(model, cache, token, position, params, token_index, eos, max_tokens, done, *,

@@ -217,14 +217,13 @@ class Scheduler:
       generated[i], max_tokens[i] = len(job.completion.tokens), job.request.max_tokens
       for array, (field, _) in zip(params, SAMPLING_FIELDS):
         array[i] = getattr(job.request, field)
-    sampling = any(job.request.temperature > 0 for job in decoding)
     start = time.perf_counter()
     # While a prompt waits for its chunks, fewer steps: the queue's first tokens come
     # sooner and the slots fill, and every stream still advances between two chunks.
     prefilling = any(j is not None and j.prefilled < len(j.request.prompt_tokens)
                      for j in self.slots)
     steps, out_tokens, out_logprobs = self.engine.decode(
-        token, position, fill, done, generated, max_tokens, params, sampling,
+        token, position, fill, done, generated, max_tokens, params,
         steps=self.prefill_decode_steps if prefilling else None)
     self.stats["decode_s"] += time.perf_counter() - start
     for job in decoding:

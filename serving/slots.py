@@ -15,7 +15,7 @@ The programs (all compiled ahead, from shapes, by `compile_all`; their number is
   prompt is in. A long prompt is prefilled
   chunk by chunk between decode calls, so the other slots' streams stall for at most
   one chunk.
-- `decode` (sampling on/off, a live bucket and a row bucket): up to `decode_steps` steps
+- `decode` (a live bucket and a row bucket): up to `decode_steps` steps
   of every slot at once, each row at its own position and fill; rows that are not
   decoding (`done`) write into their last slot and are ignored. Attention reads only
   the first `live` slots (SlotCache.live) of the first `live_rows` rows: the
@@ -171,7 +171,7 @@ class SlotEngine:
         zip(kv_cache.slot_arrays(cache), kv_cache.slot_arrays(staging))])
 
   def _decode_fn(self, state, cache, token, position, fill, done, generated, max_tokens,
-                 params, limit, *, steps, sampling, live, live_rows):
+                 params, limit, *, steps, live, live_rows):
     """Up to `limit` (a scalar, at most `steps`) steps of every row not `done` ([B]
     arrays); stops early when every row is done. Attends to the first `live` slots of
     the first `live_rows` rows (every decoding row must be among them, its fill + steps
@@ -191,7 +191,7 @@ class SlotEngine:
       cache = dataclasses.replace(cache, fill=jnp.where(done, last_slot, fill))
       next_token, logprob, cache, done = decode_step(
           model, cache, token, position, params, generated + i, eos, max_tokens, done,
-          sampling=sampling)
+          sampling=True)
       out_tokens = out_tokens.at[:, i].set(next_token)
       out_logprobs = out_logprobs.at[:, i].set(logprob)
       return (i + 1, cache, next_token, position + 1, fill + 1, done, out_tokens,
@@ -259,14 +259,16 @@ class SlotEngine:
     return [1 << i for i in range(max(self.slots - 1, 0).bit_length())
             if 1 << i < self.slots] + [self.slots]
 
-  def decode_program(self, sampling: bool, live: int, live_rows: int):
+  def decode_program(self, live: int, live_rows: int):
+    """The decode program of a live bucket and a row bucket. It samples only when some
+    row asks to (serving/sampling.sample), so greedy and sampled batches share it."""
     cache, rows, scalar = self._shapes()
     args = (self.state, cache, rows(jnp.int32), rows(jnp.int32), rows(jnp.int32),
             rows(jnp.bool_), rows(jnp.int32), rows(jnp.int32),
             tuple(rows(dtype) for _, dtype in SAMPLING_FIELDS), scalar(jnp.int32))
     return self._compile("decode", self._decode_fn, args,
-                         (("steps", self.decode_steps), ("sampling", sampling),
-                          ("live", live), ("live_rows", live_rows)), donate=(1,))
+                         (("steps", self.decode_steps), ("live", live),
+                          ("live_rows", live_rows)), donate=(1,))
 
   def commit_program(self):
     cache, _, scalar = self._shapes()
@@ -332,9 +334,8 @@ class SlotEngine:
     too); returns how many there are."""
     self.commit_program()
     for live in self.live_buckets():
-      for sampling in (False, True):
-        for live_rows in self.row_buckets():
-          self.decode_program(sampling, live, live_rows)
+      for live_rows in self.row_buckets():
+        self.decode_program(live, live_rows)
       for length in self.chunks:
         if length <= live:
           self.chunk_program(length, live)
@@ -371,7 +372,7 @@ class SlotEngine:
     self.cache = self.commit_program()(self.cache, self.staging,
                                        jax.device_put(np.int32(row), replicated))
 
-  def decode(self, token, position, fill, done, generated, max_tokens, params, sampling,
+  def decode(self, token, position, fill, done, generated, max_tokens, params,
              steps: int | None = None):
     """One decode call over every slot ([B] numpy arrays; params: the SAMPLING_FIELDS
     arrays) of `steps` steps (default and most: decode_steps; the step count is an
@@ -380,7 +381,7 @@ class SlotEngine:
     steps = self.decode_steps if steps is None else min(steps, self.decode_steps)
     needed = int(np.max(np.where(done, 0, fill))) + steps
     last_row = int(np.flatnonzero(~np.asarray(done))[-1])
-    program = self.decode_program(sampling, self.live_bucket(min(needed, self.capacity)),
+    program = self.decode_program(self.live_bucket(min(needed, self.capacity)),
                                   next(r for r in self.row_buckets() if r > last_row))
     args = [self._rows(x) for x in (token, position, fill, done, generated, max_tokens)]
     replicated = sharding.named_sharding(self.mesh, ())

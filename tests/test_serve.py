@@ -1,6 +1,7 @@
 """serve.py: the engine against a no-cache forward, across meshes; sampling; the command
 line with bad lines among good ones."""
 
+import functools
 import json
 import os
 import subprocess
@@ -155,6 +156,24 @@ def test_sample_keeps_only_the_top_k_and_top_p_tokens():
     for row, token in enumerate(np.asarray(tokens)):
       seen[row].add(int(token))
   assert seen == [{0, 1}, {0, 1}, {0, 1, 2}]
+
+
+@pytest.mark.parametrize("temperatures", [(0.0, 0.0, 0.0), (0.0, 1.0, 0.0)])
+def test_one_sampling_program_keeps_greedy_rows_greedy(temperatures, rng):
+  """sampling=True (one program for every batch, lax.cond): with every row greedy, or
+  some, the greedy rows get the argmax and the logprobs of sampling=False exactly."""
+  logits = jnp.asarray(rng.normal(size=(3, 50)), jnp.float32)
+  params = (jnp.asarray(temperatures, jnp.float32), jnp.zeros(3, jnp.int32), jnp.ones(3),
+            jnp.arange(3, dtype=jnp.uint32))
+  index = jnp.zeros(3, jnp.int32)
+  tokens, logprobs = jax.jit(functools.partial(sample, sampling=True))(logits, *params, index)
+  greedy, greedy_logprobs = sample(logits, *params, index, sampling=False)
+  np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))
+  for row, temperature in enumerate(temperatures):
+    if temperature == 0:
+      assert tokens[row] == greedy[row] and logprobs[row] == greedy_logprobs[row]
+  expected = np.asarray(jax.nn.log_softmax(logits))[np.arange(3), np.asarray(tokens)]
+  np.testing.assert_allclose(logprobs, expected, rtol=1e-5)
 
 
 def test_end_of_sequence_stops_a_row(engines, greedy_results):
