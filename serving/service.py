@@ -201,8 +201,9 @@ class Service:
                                  prefill_decode_steps=self.serve.prefill_decode_steps)
       self.scheduler.start()
       self.server.ready(self.scheduler)
-      log.info("ready: %d programs compiled in %.1f s, serving after %.1f s", programs,
-               compiled_at - start, time.perf_counter() - start)
+      log.info("ready: %d programs compiled in %.1f s (tracing and lowering %.1f s), "
+               "serving after %.1f s", programs, compiled_at - start, self.engine.lower_s,
+               time.perf_counter() - start)
     except Exception as error:  # noqa: BLE001 (reported by `run`, which exits non-zero)
       self.failure = f"{type(error).__name__}: {error}"
       self.server.state = "failed"
