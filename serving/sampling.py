@@ -34,21 +34,58 @@ def sample(logits, temperature, top_k, top_p, seeds, token_index, *, sampling: b
 
 def _sampled(logits, temperature, top_k, top_p, seeds, token_index, greedy):
   """sample's tokens when some row samples (rows at temperature 0 keep `greedy`)."""
-  vocab = logits.shape[-1]
-  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-  descending = -jnp.sort(-scaled, axis=-1)
-  kth = jnp.take_along_axis(descending, (jnp.clip(top_k, 1, vocab) - 1)[:, None], -1)
-  kth = jnp.where(top_k[:, None] > 0, kth, -jnp.inf)
-  descending = jnp.where(descending >= kth, descending, -jnp.inf)
-  # top-p: the smallest head of the (top-k) distribution whose mass reaches p
-  cumulative = jnp.cumsum(jax.nn.softmax(descending, axis=-1), axis=-1)
-  cut = jnp.sum(cumulative < top_p[:, None], axis=-1, keepdims=True)
-  threshold = jnp.maximum(kth, jnp.take_along_axis(descending, jnp.minimum(cut, vocab - 1), -1))
-  masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  scaled = top_k_top_p(logits / jnp.maximum(temperature, 1e-6)[:, None], top_k, top_p)
   keys = jax.vmap(lambda seed, index: jax.random.fold_in(jax.random.key(seed), index))(
       seeds, token_index)
-  sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+  sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
   return jnp.where(temperature > 0, sampled, greedy)
+
+
+def top_k_top_p(scaled, top_k, top_p):
+  """`scaled` [B, V] float32 with -inf outside each row's top-k (top_k [B] int32, 0: all)
+  and then outside the smallest head of what is left whose probability reaches top_p
+  ([B] float32, 1: all); ties at either edge are kept. The same sets a sort finds; each
+  edge is found by bisection over the values' bits instead (_largest_threshold), and
+  skipped (lax.cond) when no row asks for it: sorting [B, V] cost ~7x the plain
+  temperature draw on CPU (8 rows: 22 ms at V = 8K, 326 ms at 128K; the bisections
+  7.6 and 105 ms)."""
+  vocab = scaled.shape[-1]
+
+  def top_k_mask(scaled):
+    keys = _ordered(scaled)
+    kth = _largest_threshold(
+        keys, lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= jnp.clip(top_k, 1, vocab))
+    return jnp.where((keys >= kth[:, None]) | (top_k[:, None] <= 0), scaled, -jnp.inf)
+
+  def top_p_mask(scaled):
+    probs = jax.nn.softmax(scaled, axis=-1)
+    keys = _ordered(probs)
+    head = _largest_threshold(
+        keys, lambda t: jnp.sum(jnp.where(keys >= t[:, None], probs, 0), axis=-1) >= top_p)
+    return jnp.where((keys >= head[:, None]) | (top_p[:, None] >= 1), scaled, -jnp.inf)
+
+  scaled = jax.lax.cond(jnp.any(top_k > 0), top_k_mask, lambda x: x, scaled)
+  return jax.lax.cond(jnp.any(top_p < 1), top_p_mask, lambda x: x, scaled)
+
+
+def _ordered(values):
+  """float32 [B, V] -> uint32 keys in the same order (-inf lowest; no NaN)."""
+  bits = jax.lax.bitcast_convert_type(values, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_threshold(keys, holds):
+  """Per row, the largest key t (uint32 [B]) among the row's range for which `holds(t)`
+  ([B] bool, true at the row's smallest key and monotone: once false, false above) is
+  true: 32 halvings of [min, max] find it exactly."""
+  def halve(_, bounds):
+    low, high = bounds
+    middle = low + (high - low + 1) // 2
+    ok = holds(middle)
+    return jnp.where(ok, middle, low), jnp.where(ok, high, middle - 1)
+
+  low, _ = jax.lax.fori_loop(0, 32, halve, (jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)))
+  return low
 
 
 def decode_step(model, cache, token, position, params, token_index, eos, max_tokens, done, *,

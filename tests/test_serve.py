@@ -16,7 +16,7 @@ from flax import nnx
 from core import devices
 from serving.engine import Engine
 from serving.requests import Request
-from serving.sampling import sample
+from serving.sampling import sample, top_k_top_p
 from model import transformer
 from model.config import ModelConfig
 from parallel import mesh as mesh_lib
@@ -174,6 +174,36 @@ def test_one_sampling_program_keeps_greedy_rows_greedy(temperatures, rng):
       assert tokens[row] == greedy[row] and logprobs[row] == greedy_logprobs[row]
   expected = np.asarray(jax.nn.log_softmax(logits))[np.arange(3), np.asarray(tokens)]
   np.testing.assert_allclose(logprobs, expected, rtol=1e-5)
+
+
+def _top_k_top_p_by_sorting(scaled, top_k, top_p):
+  """The kept tokens [B, V] bool, as a sort finds them (float64)."""
+  kept = np.ones(scaled.shape, bool)
+  for row, (values, k, p) in enumerate(zip(scaled.astype(np.float64), top_k, top_p)):
+    descending = -np.sort(-values)
+    if k > 0:
+      kept[row] &= values >= descending[k - 1]
+    if p < 1:
+      masked = np.where(kept[row], values, -np.inf)
+      descending = -np.sort(-masked)
+      probs = np.exp(descending - descending[0])
+      cut = int(np.sum(np.cumsum(probs / probs.sum()) < p))
+      kept[row] &= masked >= descending[cut]
+  return kept
+
+
+@pytest.mark.parametrize("vocab", [50, 3000])
+def test_top_k_and_top_p_keep_what_a_sort_keeps(vocab, rng):
+  """Random rows, rows of tied values, -inf entries; every mix of top-k and top-p."""
+  scaled = rng.normal(size=(8, vocab)).astype(np.float32) * 3
+  scaled[2] = np.round(scaled[2])                 # many ties
+  scaled[3, : vocab // 2] = -np.inf               # half the vocabulary masked already
+  top_k = np.array([0, 5, 7, 0, 1, vocab, 20, 0], np.int32)
+  top_p = np.array([0.9, 1.0, 0.5, 0.3, 0.95, 0.999, 0.8, 1.0], np.float32)
+  kept = np.isfinite(np.asarray(top_k_top_p(jnp.asarray(scaled), top_k, top_p)))
+  np.testing.assert_array_equal(kept, _top_k_top_p_by_sorting(scaled, top_k, top_p)
+                                & np.isfinite(scaled))
+  assert kept[7].sum() == vocab and kept[4].sum() == 1
 
 
 def test_end_of_sequence_stops_a_row(engines, greedy_results):
