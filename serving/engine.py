@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import kv_cache
+from model import kv_cache, transformer
 from parallel import layout, sharding
 from serving.completion import Completion
 from serving.requests import error_record
@@ -49,7 +49,8 @@ class Engine:
     self.batch_size, self.min_bucket, self.decode_chunk = batch_size, min_bucket, decode_chunk
     self.ring = mesh.shape["sequence"]
     self.data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, state = nnx.split(model)
+    self.state = transformer.heads_as_matrices(state)  # the caller's model unchanged
     self._compiled = {}
     self.compilations = 0
     self.stats = dict(compile_s=0.0, prefill_s=0.0, decode_s=0.0, prefill_tokens=0,
@@ -142,7 +143,9 @@ class Engine:
 
   def use_parameters(self, model) -> None:
     """Serves with `model`'s parameters (the same shapes and shardings as the model
-    the engine was built with)."""
+    the engine was built with); its q/k/v weights are held as matrices from then on
+    (transformer.hold_heads_as_matrices, in place: no second copy)."""
+    transformer.hold_heads_as_matrices(model)
     self.model, self.state = model, nnx.split(model)[1]
 
   def generate(self, requests: list, progress=None) -> dict:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import kv_cache
+from model import kv_cache, transformer
 from parallel import ring, sharding
 from serving.sampling import decode_step, sample
 
@@ -102,7 +102,8 @@ class SlotEngine:
                        f"windowed on every layer and at least model.window - 1 + the largest "
                        f"chunk = {config.window - 1 + max(chunks)} slots beyond the kept ones "
                        "(SlotEngine.row_layout)")
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, state = nnx.split(model)
+    self.state = transformer.heads_as_matrices(state)  # the caller's model unchanged
     self.slots, self.capacity, self.chunks = slots, capacity, tuple(chunks)
     self.decode_steps, self.min_live = decode_steps, min_live
     self.eos_ids = tuple(sorted({int(e) for e in eos_ids if e is not None and e >= 0}))
@@ -142,6 +143,8 @@ class SlotEngine:
     return (self.slots + 1) * self.capacity * kv_cache.per_token_bytes(self.model.config)
 
   def use_parameters(self, model) -> None:
+    """As Engine.use_parameters: `model`'s q/k/v weights are held as matrices, in place."""
+    transformer.hold_heads_as_matrices(model)
     self.model, self.state = model, nnx.split(model)[1]
 
   def reset(self) -> None:
