@@ -93,12 +93,13 @@ HEAD_WEIGHTS = ("wq", "wk", "wv")  # [M, H, D] (or K kv heads): the ones heads_a
 
 def heads_as_matrices(state: nnx.State) -> nnx.State:
   """`state` (of nnx.split(model); arrays or jax.ShapeDtypeStructs) with every
-  unquantized q/k/v weight [M, H, D] as the matrix [M, H·D] (H·D split as H was), which
+  unquantized q/k/v weight [M, H, D] as the matrix [H·D, M] (H·D split as H was), which
   Attention reads the same way; `state` itself is left as it was. For serving: XLA:TPU
-  tiles the last two dims of a bf16 array, so [M, H, D] read as a matrix [M, H·D] is a
-  re-tiling copy, and the decode loop of two or more rows hoisted one copy of every
-  q/k/v weight out of it (Llama-2-7B: 96 x 32 MiB, 3 GiB per chip of temporaries from
-  one request to two). Training keeps [M, H, D] (checkpoints too)."""
+  tiles the last two dims of a bf16 array, so [M, H, D] read as a matrix is a re-tiling
+  copy, and the decode loop of two or more rows hoisted one copy of every q/k/v weight
+  out of it (Llama-2-7B: 96 x 32 MiB, 3 GiB per chip of temporaries from one request to
+  two); held as [M, H·D] it was copied to its transpose, so it is held transposed.
+  Training keeps [M, H, D] (checkpoints too)."""
   flat = nnx.to_flat_state(state)
   names = {path for path, _ in flat}
   return nnx.from_flat_state([
@@ -115,7 +116,7 @@ def hold_heads_as_matrices(model) -> None:
 
 def _as_matrix(value):
   """[M, H, D] -> [H·D, M], H·D split as H was (the third dim must be whole)."""
-  shape = (value.shape[0], value.shape[1] * value.shape[2])
+  rows, columns = value.shape[1] * value.shape[2], value.shape[0]
   sharding = getattr(value, "sharding", None)
   if isinstance(sharding, jax.sharding.NamedSharding):
     spec = tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
@@ -123,8 +124,8 @@ def _as_matrix(value):
       return value
     sharding = jax.sharding.NamedSharding(sharding.mesh, jax.P(spec[1], spec[0]))
   if isinstance(value, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(shape[::-1], value.dtype, sharding=sharding)
-  return jax.jit(lambda x: x.reshape(shape).T, out_shardings=sharding)(value)
+    return jax.ShapeDtypeStruct((rows, columns), value.dtype, sharding=sharding)
+  return jax.jit(lambda x: x.reshape(columns, rows).T, out_shardings=sharding)(value)
 
 
 def _weight(module, name: str):
@@ -140,7 +141,7 @@ def _weight(module, name: str):
 
 
 def _project_heads(x, weight, heads: int):
-  """x [B, L, M] times a q/k/v weight [M, H, D], or [M, H·D] (heads_as_matrices)
+  """x [B, L, M] times a q/k/v weight [M, H, D], or [H·D, M] (heads_as_matrices)
   -> [B, L, H, D]."""
   if not isinstance(weight, quantize.QuantizedWeight) and weight.ndim == 2:
     return project("blm,nm->bln", x, weight).reshape(*x.shape[:2], heads, -1)

@@ -221,14 +221,14 @@ class SlotEngine:
     if self._lowered is not None and key in self._lowered:
       return self._lowered[key]
     start = time.perf_counter()
-    lowered = jax.jit(functools.partial(function, **dict(static)),
+    program = jax.jit(functools.partial(function, **dict(static)),
                       donate_argnums=donate).lower(*args)
     if self._lowered is not None:
-      self._lowered[key] = lowered
+      self._lowered[key] = program
     else:
-      self.programs[key] = lowered.compile()
+      program = self.programs[key] = program.compile()
     self.compile_s += time.perf_counter() - start
-    return self._lowered[key] if self._lowered is not None else self.programs[key]
+    return program
 
   def _shapes(self, cache_rows: int | None = None):
     """Abstract arguments: (a SlotCache of `cache_rows` rows (default: the slots), a [B]
@@ -347,29 +347,25 @@ class SlotEngine:
   def per_token_bytes(self) -> int:
     return kv_cache.per_token_bytes(self.model.config)
 
-  def compile_all(self, prefix_block: int = 0, threads: int | None = None) -> int:
+  def compile_all(self, prefix_block: int = 0) -> int:
     """Compiles every program serving can run (with `prefix_block`, the prefix cache's
     too); returns how many there are. They are traced and lowered one after another,
-    then compiled by `threads` threads at once (default: one a CPU core, at most
-    COMPILE_THREADS; XLA compiles outside the GIL): ~80 programs took 160 s one at a
-    time on 2 cores."""
+    then compiled on one thread a CPU core (at most COMPILE_THREADS; XLA compiles
+    outside the GIL): 82 programs took 160 s one at a time on 2 cores, 146 s so."""
     self._lowered = {}
     try:
       start = time.perf_counter()
       self._lower_all(prefix_block)
       self.lower_s = time.perf_counter() - start
-      pending = {key: lowered for key, lowered in self._lowered.items()
-                 if key not in self.programs}
-      self._lowered = None
-      threads = threads or min(os.cpu_count() or 1, COMPILE_THREADS)
-      start = time.perf_counter()
-      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        compiled = dict(zip(pending, pool.map(lambda lowered: lowered.compile(),
-                                              pending.values())))
-      self.programs.update(compiled)
-      self.compile_s += time.perf_counter() - start
+      pending = self._lowered
     finally:
       self._lowered = None
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(min(os.cpu_count() or 1,
+                                                   COMPILE_THREADS)) as pool:
+      self.programs.update(zip(pending, pool.map(lambda lowered: lowered.compile(),
+                                                 pending.values())))
+    self.compile_s += time.perf_counter() - start
     return len(self.programs)
 
   def _lower_all(self, prefix_block: int) -> None:
