@@ -171,6 +171,11 @@ class SlotCache:
   kept: int = dataclasses.field(default=0, metadata=dict(static=True))
   key_scales: tuple = ()    # SCALED cache: per layer [B, K, C] float32 (else empty)
   value_scales: tuple = ()
+  # Ragged rows (ring.cache_attention; XLA:CPU): row b attends only to the smallest of
+  # `row_buckets` (static, ascending) holding row_slots[b] slots ([B] int32; 0: none);
+  # None: every row to the first `live` slots.
+  row_slots: jax.Array | None = None
+  row_buckets: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 
   @property
   def capacity(self) -> int:

@@ -267,7 +267,8 @@ class Attention(nnx.Module):
       return project("blhd,hdm->blm", out, weight("wo")), (k, v)
     if isinstance(cache, SlotCache):  # L tokens per row at the row's own fill
       write = lambda array, new, slot_axis: cache.write(array, new, slot_axis, self.mesh)
-      live = dict(live=cache.live, live_rows=cache.live_rows)
+      live = dict(live=cache.live, live_rows=cache.live_rows, row_slots=cache.row_slots,
+                  row_buckets=cache.row_buckets)
     else:  # one token per row at decode step cache.step
       write = lambda array, new, slot_axis: ring.cache_write(
           array, new, cache.step, cache.prompt_slots, slot_axis=slot_axis, mesh=self.mesh)

@@ -22,7 +22,10 @@ The programs (all compiled ahead, from shapes, by `compile_all`; their number is
   smallest buckets (`live_buckets`: powers of two from MIN_LIVE, and the capacity;
   `row_buckets`: powers of two up to the slots) that hold every decoding row and its
   tokens, so a step costs what the cache holds, not what it could hold. Requests take
-  the lowest free slots, so few requests use few rows.
+  the lowest free slots, so few requests use few rows. On XLA:CPU with one device there
+  is one decode program instead: each row attends to its own live bucket, chosen per
+  row at run time (SlotCache.row_slots), so a long request no longer makes every other
+  row read as many slots (`ragged`).
 - `put_prefix` / `take_prefix` (one per prefix length bucket): a cached prompt prefix
   put into the staging row, or its first slots kept (serving/prefix_cache.py).
 
@@ -108,6 +111,9 @@ class SlotEngine:
     self.decode_steps, self.min_live = decode_steps, min_live
     self.eos_ids = tuple(sorted({int(e) for e in eos_ids if e is not None and e >= 0}))
     self.ring = mesh.shape["sequence"]
+    # XLA:CPU, one device: one decode program whose rows attend each to its own live
+    # bucket (SlotCache.row_slots), not every row to the longest's.
+    self.ragged = ring.platform_of(mesh) == "cpu" and self.ring == 1 and not rolling
     if mesh.shape["data"] * mesh.shape["fsdp"] != 1:
       raise ValueError(f"continuous batching keeps its rows whole on the ring: mesh "
                        f"{dict(mesh.shape)} needs data = fsdp = 1")
@@ -186,6 +192,9 @@ class SlotEngine:
     within them). Returns (steps run, cache, tokens [B, steps], logprobs [B, steps])."""
     model = nnx.merge(self.graphdef, state)
     cache = dataclasses.replace(cache, live=live, live_rows=live_rows)
+    if self.ragged:
+      cache = dataclasses.replace(cache, row_slots=jnp.zeros_like(fill), row_buckets=tuple(
+          size for size in self.live_buckets() if size <= live))
     eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
     rows, last_slot = token.shape[0], self.capacity - 1
 
@@ -197,6 +206,8 @@ class SlotEngine:
       i, cache, token, position, fill, done, out_tokens, out_logprobs = carry
       # A row that is not decoding writes into its last slot (cleared before reuse).
       cache = dataclasses.replace(cache, fill=jnp.where(done, last_slot, fill))
+      if self.ragged:  # the slots of each decoding row, with this step's
+        cache = dataclasses.replace(cache, row_slots=jnp.where(done, 0, fill + 1))
       next_token, logprob, cache, done = decode_step(
           model, cache, token, position, params, generated + i, eos, max_tokens, done,
           sampling=True)
@@ -208,8 +219,8 @@ class SlotEngine:
     carry = (jnp.zeros((), jnp.int32), cache, token, position, fill, done,
              jnp.zeros((rows, steps), jnp.int32), jnp.zeros((rows, steps), jnp.float32))
     steps_done, cache, *_, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, carry)
-    return (steps_done, dataclasses.replace(cache, live=0, live_rows=0), out_tokens,
-            out_logprobs)
+    cache = dataclasses.replace(cache, live=0, live_rows=0, row_slots=None, row_buckets=())
+    return steps_done, cache, out_tokens, out_logprobs
 
   def _compile(self, name, function, args, static, donate=(), shape=None):
     """The program `name` of `static` options (and `shape`), compiled on first use; inside
@@ -278,8 +289,9 @@ class SlotEngine:
             if 1 << i < self.slots] + [self.slots]
 
   def decode_program(self, live: int, live_rows: int):
-    """The decode program of a live bucket and a row bucket. It samples only when some
-    row asks to (serving/sampling.sample), so greedy and sampled batches share it."""
+    """The decode program of a live bucket and a row bucket (ragged: only the whole
+    cache's, `decode_buckets`). It samples only when some row asks to
+    (serving/sampling.sample), so greedy and sampled batches share it."""
     cache, rows, scalar = self._shapes()
     args = (self.state, cache, rows(jnp.int32), rows(jnp.int32), rows(jnp.int32),
             rows(jnp.bool_), rows(jnp.int32), rows(jnp.int32),
@@ -368,11 +380,18 @@ class SlotEngine:
     self.compile_s += time.perf_counter() - start
     return len(self.programs)
 
+  def decode_buckets(self) -> list[tuple[int, int]]:
+    """(live, live_rows) of every decode program: each live bucket with each row bucket,
+    or ragged, only (capacity, slots)."""
+    if self.ragged:
+      return [(self.capacity, self.slots)]
+    return [(live, rows) for live in self.live_buckets() for rows in self.row_buckets()]
+
   def _lower_all(self, prefix_block: int) -> None:
     self.commit_program()
+    for live, live_rows in self.decode_buckets():
+      self.decode_program(live, live_rows)
     for live in self.live_buckets():
-      for live_rows in self.row_buckets():
-        self.decode_program(live, live_rows)
       for length in self.chunks:
         if length <= live:
           self.chunk_program(length, live)
@@ -417,8 +436,9 @@ class SlotEngine:
     steps = self.decode_steps if steps is None else min(steps, self.decode_steps)
     needed = int(np.max(np.where(done, 0, fill))) + steps
     last_row = int(np.flatnonzero(~np.asarray(done))[-1])
-    program = self.decode_program(self.live_bucket(min(needed, self.capacity)),
-                                  next(r for r in self.row_buckets() if r > last_row))
+    program = self.decode_program(*next(
+        (live, rows) for live, rows in self.decode_buckets()
+        if live >= min(needed, self.capacity) and rows > last_row))
     args = [self._rows(x) for x in (token, position, fill, done, generated, max_tokens)]
     replicated = sharding.named_sharding(self.mesh, ())
     steps, self.cache, tokens, logprobs = program(

@@ -136,3 +136,27 @@ def test_a_bf16_cache_held_as_bits_decodes_as_a_bf16_cache(mesh_sizes, rng, monk
     outcomes[held] = [(j.completion.tokens, j.completion.logprobs) for j in jobs]
   assert outcomes["bits"] == outcomes["bfloat16"]
   assert all(len(tokens) == 6 for tokens, _ in outcomes["bits"])
+
+
+def test_ragged_rows_decode_as_the_bucketed_programs(rng):
+  """On XLA:CPU with one device the slot engine has one decode program, whose rows attend
+  each over its own live bucket (SlotEngine.ragged); it decodes the tokens and
+  log-probabilities of the programs bucketed by the longest row and the row count."""
+  requests = [Request(line=i, id=i, prompt_tokens=rng.integers(0, 256, n).tolist(),
+                      max_tokens=m, logprobs=True)
+              for i, (n, m) in enumerate(((3, 9), (40, 6), (17, 12), (33, 4), (1, 7)))]
+  outcomes, decode_programs = {}, {}
+  for ragged in (True, False):
+    scheduler, _, _ = make_scheduler({"data": 1}, jax.devices()[:1], slots=3)
+    engine = scheduler.engine
+    assert engine.ragged  # CPU, one device, rows not rolling
+    engine.ragged = ragged
+    jobs = serve_all(scheduler, requests)
+    outcomes[ragged] = [(j.completion.tokens, j.completion.logprobs) for j in jobs]
+    decode_programs[ragged] = {key for key in engine.programs if key[0] == "decode"}
+  assert [tokens for tokens, _ in outcomes[True]] == [tokens for tokens, _ in outcomes[False]]
+  for (_, ragged), (_, bucketed) in zip(outcomes[True], outcomes[False]):
+    np.testing.assert_allclose(ragged, bucketed, rtol=1e-5, atol=1e-5)
+  assert decode_programs[True] == {("decode", (("steps", 3), ("live", 96), ("live_rows", 3)),
+                                    None)}
+  assert len(decode_programs[False]) > 1, decode_programs[False]
