@@ -29,6 +29,7 @@ import asyncio
 import datetime
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -207,7 +208,8 @@ def ringlm_server(args, workdir, name, *extra):
   port = free_port()
   command = [sys.executable, "serve.py", f"--checkpoint={args.ringlm_dir}", f"--port={port}",
              "--cpu_devices=1", "--served_model_name=model", "--config.serve.batch_size=8",
-             "--config.serve.prefix_block=128", f"--config.serve.dtype={args.dtype}", *extra]
+             "--config.serve.prefix_block=128", f"--config.serve.dtype={args.dtype}",
+             *shlex.split(args.ringlm_args), *extra]
   return Server(name, command, port, workdir)
 
 
@@ -266,6 +268,8 @@ def main(argv=None):
                       help="precision of both servers (weights and compute)")
   parser.add_argument("--servers", default="ringlm,transformers",
                       help="which servers to run (a comma list; the summary needs both)")
+  parser.add_argument("--ringlm_args", default="",
+                      help="extra serve.py flags, e.g. '--config.serve.batch_size=16'")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
   args = parser.parse_args(argv)
   if args.quick:
