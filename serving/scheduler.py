@@ -191,7 +191,7 @@ class Scheduler:
     job.prefilled += count
     job.fill += count
     if job.prefilled == len(prompt):
-      self.engine.commit(job.slot)
+      self.engine.commit(job.slot, job.fill)
       if self.prefix_cache is not None:
         self.prefix_cache.store(self.engine, prompt)
       job.first_token_at = time.perf_counter()
