@@ -12,9 +12,9 @@ The programs (all compiled ahead, from shapes, by `compile_all`; their number is
   cache (working on a row of the cache in place made XLA copy all of it, twice:
   ~80 ms a chunk at 8 x 4608 slots on the benchmark model, against ~17 ms here).
 - `commit` (one per live bucket): the staging row copied into the request's row of the
-  cache once its prompt is in, only the slots the prompt filled (and every position). A long prompt is prefilled
-  chunk by chunk between decode calls, so the other slots' streams stall for at most
-  one chunk.
+  cache once its prompt is in, only the slots the prompt filled (and every position).
+  A long prompt is prefilled chunk by chunk between decode calls, so the other slots'
+  streams stall for at most one chunk.
 - `decode` (a live bucket and a row bucket): up to `decode_steps` steps
   of every slot at once, each row at its own position and fill; rows that are not
   decoding (`done`) write into their last slot and are ignored. Attention reads only
@@ -212,8 +212,8 @@ class SlotEngine:
     model = nnx.merge(self.graphdef, state)
     cache = dataclasses.replace(cache, live=live, live_rows=live_rows)
     if self.ragged:
-      cache = dataclasses.replace(cache, row_slots=jnp.zeros_like(fill), row_buckets=tuple(
-          size for size in self.live_buckets() if size <= live))
+      cache = dataclasses.replace(cache, row_slots=jnp.zeros_like(fill),
+                                  row_buckets=tuple(self.live_buckets()))
     eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
     rows, last_slot = token.shape[0], self.capacity - 1
 
