@@ -125,7 +125,15 @@ def _as_matrix(value):
     sharding = jax.sharding.NamedSharding(sharding.mesh, jax.P(spec[1], spec[0]))
   if isinstance(value, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct((rows, columns), value.dtype, sharding=sharding)
-  return jax.jit(lambda x: x.reshape(columns, rows).T, out_shardings=sharding)(value)
+  return _matrix_program(sharding)(value)
+
+
+@functools.cache
+def _matrix_program(sharding):
+  """The jitted [M, H, D] -> [H·D, M] onto `sharding`, one per sharding: the q/k/v
+  weights of every layer share its compiled programs (a jax.jit per weight lowered and
+  looked up each one again: 24 programs, 0.23 s of a 58M model's 1.2 s load)."""
+  return jax.jit(lambda x: x.reshape(x.shape[0], -1).T, out_shardings=sharding)
 
 
 def _weight(module, name: str):
