@@ -284,7 +284,8 @@ def serve_batch(config, named, *, step_dir, saved, max_context, tokenizer, eos_i
       f"results: {output}",
       "next: a line's error field says what to fix; model.max_seq_len and serve.batch_size "
       "are --config overrides"])
-  print(json.dumps(report), file=sys.stderr)
+  print(json.dumps(report), file=sys.stderr, flush=True)
+  cli.exit_without_collecting()
 
 
 if __name__ == "__main__":

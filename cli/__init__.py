@@ -170,3 +170,13 @@ def summary(lines) -> None:
   """The last words of a program on stdout: what ran, the figures, where the output is,
   what to try next."""
   print("\n".join(lines), flush=True)
+
+
+def exit_without_collecting() -> None:
+  """For a program whose work is done and written: the interpreter's exit then skips the
+  garbage collection of every object left (gc.freeze; the memory goes back to the system
+  as the process ends). Measured after serve.py's batch mode, ~200K objects: exit took
+  0.40 s, 0.13 s frozen. Nothing of ringlm's relies on a finalizer at exit: outputs are
+  closed and renamed before this."""
+  import gc
+  gc.freeze()
