@@ -398,6 +398,92 @@ def slot_write(cache, new, fill, *, slot_axis: int, mesh, axis="sequence", rolli
                                                         fill.astype(jnp.int32))
 
 
+CHUNK_BLOCKS = (512, 256, 128)  # slots per block of a chunk's attention (_chunk_block)
+
+
+def _finite(row_max):
+  """Row maxima with -inf (a row that sees no slot) as 0, to subtract safely."""
+  return jnp.where(row_max == -jnp.inf, 0.0, row_max)
+
+
+def _masked_scores(grouped, q_scale, q_pos, k, kv_pos, k_scale, *, scale, window, sinks):
+  """q.k of the queries and slots given, -inf where a slot is not visible: [B, K, G, L, C]
+  float32. grouped: [B, K, G, L, D] queries (int8 with `q_scale` [B, K, G, L] for an int8
+  cache); q_pos: [B, L]; k: [B, K, D, C] as held; kv_pos: [B, C]; k_scale: [B, K, C] or
+  None (cache_attention's arguments)."""
+  k = held_values(k)  # after any slice: only the slots attended
+  if q_scale is not None:  # int8 cache: an int8 product with int32 sums
+    scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k, preferred_element_type=jnp.int32)
+    scores = (scores.astype(jnp.float32) * (q_scale[..., None] * scale)
+              * k_scale[:, :, None, None, :])
+  elif k_scale is not None:  # float8: widened, the key scales applied to the sums
+    scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k.astype(grouped.dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores * scale * k_scale[:, :, None, None, :]
+  else:
+    # Products in the cache's dtype, accumulated in float32: a cache converted to
+    # float32 here was a copy of the whole cache per layer and step (XLA:CPU).
+    scores = jnp.einsum("bkgld,bkdc->bkglc", grouped.astype(k.dtype), k,
+                        preferred_element_type=jnp.float32) * scale
+  kv_pos, q_pos = kv_pos[:, None, :], q_pos[:, :, None]
+  visible = kv_pos <= q_pos
+  if window:
+    visible &= (kv_pos > masking.window_start(q_pos, window)) | (kv_pos < sinks)
+  return jnp.where(visible[:, None, None], scores, -jnp.inf)  # visible: [B, 1, 1, L, C]
+
+
+def _weighted_values(weights, v, v_scale):
+  """sum_c weights_c v_c: [B, K, G, L, D] float32, of weights [B, K, G, L, C] float32
+  and v [B, K, C, D] as held (v_scale [B, K, C] folded into the weights, or None)."""
+  v = held_values(v)
+  if v_scale is not None:  # the scales folded into p, v widened to float32
+    return jnp.einsum("bkglc,bkcd->bkgld", weights * v_scale[:, :, None, None, :],
+                      v.astype(jnp.float32))
+  return jnp.einsum("bkglc,bkcd->bkgld", weights.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32)
+
+
+def _chunk_block(length: int, slots: int) -> int:
+  """Slots per block of the blockwise attention of `length` queries over `slots` slots
+  (the largest of CHUNK_BLOCKS dividing them), or 0 for one pass: decode steps (one
+  query) and slots of one block or less."""
+  if length == 1:
+    return 0
+  return next((b for b in CHUNK_BLOCKS if slots > b and slots % b == 0), 0)
+
+
+def _blockwise(scores_of, q_shape, k, v, kv_pos, k_scale, v_scale, q_pos, block):
+  """(row maxima [B, K, G, L], numerator [B, K, G, L, D], denominator [B, K, G, L, 1]):
+  the attention sums over the slots `block` at a time with an online softmax (both sums
+  relative to the row maxima), up to the last slot visible to any query (q_shape: the
+  grouped queries' [B, K, G, L, D]; scores_of(k, kv_pos, k_scale): _masked_scores of a
+  block). A chunk at the start of a long staging row reads only what it fills, and no
+  [L, C] score array is made. Measured on XLA:CPU, a 512-token chunk over 1,536 filled of 2,048 slots, one
+  layer: 9 ms against 43 ms in one pass (scores of 32 MiB through memory 5 times)."""
+  slots = k.shape[-1]
+  slot_index = jnp.arange(slots, dtype=jnp.int32)
+  # [B, C]: the slots that some query (not padding, at EMPTY) may see
+  seen = kv_pos <= jnp.max(jnp.where(q_pos < EMPTY, q_pos, -1), axis=1, keepdims=True)
+  used = jnp.max(jnp.where(seen, slot_index + 1, 0))
+  take = lambda x, i, axis: None if x is None else lax.dynamic_slice_in_dim(
+      x, i * block, block, axis)
+
+  def body(i, carry):
+    row_max, numerator, denominator = carry
+    scores = scores_of(take(k, i, 3), take(kv_pos, i, 1), take(k_scale, i, 2))
+    new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
+    rescale = jnp.exp(row_max - _finite(new_max))[..., None]  # 0 while nothing was seen
+    weights = jnp.exp(scores - _finite(new_max)[..., None])
+    return (new_max,
+            numerator * rescale + _weighted_values(weights, take(v, i, 2), take(v_scale, i, 2)),
+            denominator * rescale + jnp.sum(weights, axis=-1, keepdims=True))
+
+  *rows, head_dim = q_shape
+  return lax.fori_loop(0, (used + block - 1) // block, body, (
+      jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros((*rows, head_dim), jnp.float32),
+      jnp.zeros((*rows, 1), jnp.float32)))
+
+
 def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
                     axis="sequence", scale=None, live=0, live_rows=0, window=0, sinks=0,
                     k_scale=None, v_scale=None, row_slots=None, row_buckets=()):
@@ -459,47 +545,32 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
   scale_spec = cache_spec(axis, 3, SCALE_SLOTS)
 
   def attend(q, k, v, kv_pos, q_pos, k_scale, v_scale):
-    """The rows' attention over the slots given, merged over the ring."""
+    """The rows' attention over the slots given, merged over the ring: in one pass, or
+    for a chunk of L > 1 queries over more than a block of slots, block by block
+    (`_blockwise`)."""
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    k, v = held_values(k), held_values(v)  # after any slice: only the slots attended
     # [B, L, H, D] -> [B, K, G, L, D]
     grouped = jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim),
                            1, 3)
+    q_scale = None
     if is_quantized and k.dtype == jnp.int8:
       grouped, q_scale = quantized.quantize(grouped, 4)  # [B, K, G, L]
-      scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k, preferred_element_type=jnp.int32)
-      scores = (scores.astype(jnp.float32) * (q_scale[..., None] * scale)
-                * k_scale[:, :, None, None, :])
-    elif is_quantized:  # float8: widened, the key scales applied to the sums
-      scores = jnp.einsum("bkgld,bkdc->bkglc", grouped, k.astype(grouped.dtype),
-                          preferred_element_type=jnp.float32)
-      scores = scores * scale * k_scale[:, :, None, None, :]
+    scores_of = functools.partial(_masked_scores, grouped, q_scale, q_pos, scale=scale,
+                                  window=window, sinks=sinks)
+    slot_block = _chunk_block(length, k.shape[-1])
+    if slot_block:
+      out_max, numerator, denominator = _blockwise(scores_of, grouped.shape, k, v, kv_pos,
+                                                   k_scale, v_scale, q_pos, slot_block)
     else:
-      # Products in the cache's dtype, accumulated in float32: a cache converted to
-      # float32 here was a copy of the whole cache per layer and step (XLA:CPU).
-      scores = jnp.einsum("bkgld,bkdc->bkglc", grouped.astype(k.dtype), k,
-                          preferred_element_type=jnp.float32) * scale
-    kv_pos, q_pos = kv_pos[:, None, :], q_pos[:, :, None]
-    visible = kv_pos <= q_pos
-    if window:
-      visible &= (kv_pos > masking.window_start(q_pos, window)) | (kv_pos < sinks)
-    visible = visible[:, None, None]  # [B, 1, 1, L, C]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    ring_max = jnp.max(scores, axis=-1)  # [B, K, G, L]
-    if ring_size > 1:
-      ring_max = lax.pmax(ring_max, axis)
-    safe_max = jnp.where(ring_max == -jnp.inf, 0.0, ring_max)
-    weights = jnp.exp(scores - safe_max[..., None])
-    denominator = jnp.sum(weights, axis=-1, keepdims=True)
-    if is_quantized:  # sum_c p_c s_c v_c: the scales folded into p, v widened to float32
-      numerator = jnp.einsum("bkglc,bkcd->bkgld", weights * v_scale[:, :, None, None, :],
-                             v.astype(jnp.float32))
-    else:
-      numerator = jnp.einsum("bkglc,bkcd->bkgld", weights.astype(v.dtype), v,
-                             preferred_element_type=jnp.float32)
-    if ring_size > 1:  # the merge: one all-reduce of (numerator, denominator)
-      numerator, denominator = lax.psum((numerator, denominator), axis)
+      scores = scores_of(k, kv_pos, k_scale)
+      out_max = jnp.max(scores, axis=-1)  # [B, K, G, L]
+      weights = jnp.exp(scores - _finite(out_max)[..., None])
+      denominator = jnp.sum(weights, axis=-1, keepdims=True)
+      numerator = _weighted_values(weights, v, v_scale)
+    if ring_size > 1:  # the merge: both sums relative to the ring's maxima, one all-reduce
+      factor = jnp.exp(out_max - _finite(lax.pmax(out_max, axis)))[..., None]
+      numerator, denominator = lax.psum((numerator * factor, denominator * factor), axis)
     out = numerator / jnp.where(denominator == 0, 1.0, denominator)  # [B, K, G, L, D]
     return jnp.moveaxis(out, 3, 1).reshape(batch, length, q_heads, head_dim).astype(q.dtype)
 

@@ -181,6 +181,69 @@ def test_ragged_rows_read_only_their_own_bucket(cache, single_device_mesh, rng):
   assert _relative_error(attend(), expected) > 0.1
 
 
+@pytest.mark.parametrize("ring_size", [1, 8])
+@pytest.mark.parametrize("cache", ["float32", "bfloat16-bits", "int8", "window"])
+def test_a_chunk_attends_block_by_block_up_to_its_last_filled_slot(cache, ring_size, rng):
+  """A prompt chunk (L > 1 queries) over more than a block of slots per device takes
+  ring._blockwise: against float64 NumPy over the filled slots, with slots laid out as
+  ring.slot_write lays them and a padding query (position EMPTY). The values of every
+  block past the last filled slot are NaN: a block that was read would make NaN of
+  every output (a weight of 0 times NaN), so the test fails unless those blocks are
+  skipped."""
+  from parallel import quantized
+  from parallel.ring import EMPTY, cache_attention
+  mesh = make_mesh({"sequence": ring_size}, devices=jax.devices()[:ring_size])
+  batch, heads, kv_heads, dim, local = 2, 4, 2, 8, 384  # 3 blocks of 128 per device
+  capacity, fill = local * ring_size, {1: 200, 8: 700}[ring_size]  # global slots filled
+  assert ring._chunk_block(5, local) == 128
+  window = dict(window=40, sinks=3) if cache == "window" else {}
+  q_positions = np.array([[fill - 9, fill - 4, fill - 1, EMPTY, 17]] * batch, np.int32)
+  q = rng.standard_normal((batch, 5, heads, dim)).astype(np.float32)
+  k_global = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+  v_global = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+  columns = np.arange(capacity)  # column d * local + l holds global slot l * N + d
+  order = (columns % local) * ring_size + columns // local
+  positions = np.where(order < fill, order, EMPTY)[None].repeat(batch, 0).astype(np.int32)
+  past_blocks = (columns % local) >= -(-(fill // ring_size + 1) // 128) * 128
+  k = np.transpose(k_global[:, :, order], (0, 1, 3, 2))  # [B, K, D, C]
+  v = v_global[:, :, order]
+  v[:, :, past_blocks] = np.nan
+  scales = {}
+  if cache == "int8":
+    k, k_scale = quantized.quantize(k, 2)
+    v, v_scale = quantized.quantize(np.nan_to_num(v), 3)
+    v_scale = jnp.where(past_blocks, jnp.nan, v_scale)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    k_float = (np.asarray(k, np.float64) * np.asarray(k_scale)[:, :, None, :]).transpose(0, 1, 3, 2)
+    v_float = np.asarray(v, np.float64) * np.asarray(v_scale)[..., None]
+  elif cache == "bfloat16-bits":
+    k, v = (jnp.asarray(x, jnp.bfloat16) for x in (k, v))
+    k_float = np.asarray(k.astype(jnp.float32), np.float64).transpose(0, 1, 3, 2)
+    v_float = np.asarray(v.astype(jnp.float32), np.float64)
+    k, v = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k, v))  # BITS_OF
+  else:
+    k_float, v_float = k.transpose(0, 1, 3, 2).astype(np.float64), v.astype(np.float64)
+  out = jax.jit(lambda *a: cache_attention(*a, mesh=mesh, **scales, **window))(
+      q, k, v, positions, q_positions)
+
+  real = [0, 1, 2, 4]  # the padding query's output is not compared (nor used)
+  slots = (order < fill).nonzero()[0]  # the filled columns, any order
+  qg = q[:, real].astype(np.float64).reshape(batch, 4, kv_heads, heads // kv_heads, dim)
+  scores = np.einsum("blkgd,bkcd->bkglc", qg, k_float[:, :, slots]) / np.sqrt(dim)
+  kv_pos, q_pos = order[slots][None, None, None, None, :], q_positions[0, real][:, None]
+  seen = kv_pos <= q_pos
+  if window:
+    seen &= (kv_pos > q_pos - 40) | (kv_pos < 3)
+  weights = np.exp(np.where(seen, scores, -np.inf) - np.where(seen, scores, -np.inf).max(
+      -1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum("bkglc,bkcd->blkgd", weights, v_float[:, :, slots]).reshape(
+      batch, 4, heads, dim)
+  tolerance = {"int8": 1e-2, "bfloat16-bits": 1e-2}.get(cache, 1e-5)
+  assert np.isfinite(np.asarray(out)).all()
+  assert _relative_error(np.asarray(out)[:, real], expected) < tolerance
+
+
 @pytest.mark.parametrize("axes", [{"sequence": 8}, {"data": 2, "sequence": 4}],
                          ids=["seq8", "data2-seq4"])
 @pytest.mark.parametrize("order", ["natural", "zigzag"])
