@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from model import kv_cache, transformer
-from parallel import layout, sharding
+from parallel import layout, ring, sharding
 from serving.completion import Completion
 from serving.requests import error_record
 from serving.sampling import decode_step, sample
@@ -50,7 +50,8 @@ class Engine:
     self.ring = mesh.shape["sequence"]
     self.data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     self.graphdef, state = nnx.split(model)
-    self.state = transformer.heads_as_matrices(state)  # the caller's model unchanged
+    # as serving holds it (the caller's model unchanged)
+    self.state = transformer.serving_layout(state, ring.platform_of(mesh))
     self._compiled = {}
     self.compilations = 0
     self.stats = dict(compile_s=0.0, prefill_s=0.0, decode_s=0.0, prefill_tokens=0,
@@ -143,9 +144,9 @@ class Engine:
 
   def use_parameters(self, model) -> None:
     """Serves with `model`'s parameters (the same shapes and shardings as the model
-    the engine was built with); its q/k/v weights are held as matrices from then on
-    (transformer.hold_heads_as_matrices, in place: no second copy)."""
-    transformer.hold_heads_as_matrices(model)
+    the engine was built with), held as transformer.serving_layout says from then on
+    (in place: no second copy)."""
+    transformer.hold_serving_layout(model)
     self.model, self.state = model, nnx.split(model)[1]
 
   def generate(self, requests: list, progress=None) -> dict:

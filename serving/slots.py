@@ -106,7 +106,8 @@ class SlotEngine:
                        f"chunk = {config.window - 1 + max(chunks)} slots beyond the kept ones "
                        "(SlotEngine.row_layout)")
     self.graphdef, state = nnx.split(model)
-    self.state = transformer.heads_as_matrices(state)  # the caller's model unchanged
+    # as serving holds it (the caller's model unchanged)
+    self.state = transformer.serving_layout(state, ring.platform_of(mesh))
     self.slots, self.capacity, self.chunks = slots, capacity, tuple(chunks)
     self.decode_steps, self.min_live = decode_steps, min_live
     self.eos_ids = tuple(sorted({int(e) for e in eos_ids if e is not None and e >= 0}))
@@ -150,8 +151,9 @@ class SlotEngine:
     return (self.slots + 1) * self.capacity * kv_cache.per_token_bytes(self.model.config)
 
   def use_parameters(self, model) -> None:
-    """As Engine.use_parameters: `model`'s q/k/v weights are held as matrices, in place."""
-    transformer.hold_heads_as_matrices(model)
+    """As Engine.use_parameters: `model` held as transformer.serving_layout says, in
+    place."""
+    transformer.hold_serving_layout(model)
     self.model, self.state = model, nnx.split(model)[1]
 
   def reset(self) -> None:

@@ -16,7 +16,10 @@ CASES = [("blm,mhd->blhd", (2, 6, 16), (16, 4, 8)),   # q
          ("blhd,hdm->blm", (2, 6, 4, 8), (4, 8, 16)),   # attention output
          ("blm,mf->blf", (2, 6, 16), (16, 24)),         # gate, up
          ("blf,fm->blm", (2, 6, 24), (24, 16)),         # down
-         ("blm,vm->blv", (2, 6, 16), (40, 16))]         # head ([V, M])
+         ("blm,vm->blv", (2, 6, 16), (40, 16)),         # head ([V, M])
+         ("blm,vm->blv", (3, 1, 16), (40, 16)),         # a decode step's head
+         ("blm,nm->bln", (1, 6, 16), (24, 16)),         # a prompt chunk's q (as matrix)
+         ("blhd,hdm->blm", (1, 1, 4, 8), (4, 8, 16))]   # one row, one token
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -46,3 +49,22 @@ def test_project_and_its_gradients_match_float64(spec, x_shape, w_shape, dtype, 
     want = expected[name]
     error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
     assert error <= tolerance, (name, error)
+
+
+def test_a_decode_step_reads_the_head_where_it_lies():
+  """A decode loop's product of x [B, 1, M] and the head [V, M] on XLA:CPU: the compiled
+  program holds no copy of the weight as [M, V]. With the dim of size 1 in the product
+  XLA:CPU copied the weight on every call (project leaves such dims out)."""
+  def decode_loop(product):
+    def run(x, weight):
+      def step(i, x):
+        return x + product(x, weight)[..., :x.shape[-1]].astype(x.dtype)
+      return jax.lax.fori_loop(0, 2, step, x)
+    shapes = (jax.ShapeDtypeStruct((8, 1, 64), jnp.bfloat16),
+              jax.ShapeDtypeStruct((1000, 64), jnp.bfloat16))
+    return jax.jit(run).lower(*shapes).compile().as_text()
+  copied = "bf16[64,1000]{1,0} fusion"
+  assert copied not in decode_loop(lambda x, w: project("blm,vm->blv", x, w, jnp.float32))
+  # the check can tell: the einsum as it was written
+  assert copied in decode_loop(lambda x, w: jnp.einsum("blm,vm->blv", x, w,
+                                                       preferred_element_type=jnp.float32))

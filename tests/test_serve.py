@@ -1,6 +1,7 @@
 """serve.py: the engine against a no-cache forward, across meshes; sampling; the command
 line with bad lines among good ones."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -131,6 +132,36 @@ def test_compiled_from_parameter_shapes(engines, rng):
   assert engine.compilations == 4
   expected = served.generate(batch)
   assert [results[r.line]["tokens"] for r in batch] == [expected[r.line]["tokens"] for r in batch]
+
+
+def test_a_bfloat16_table_is_held_as_its_bits_on_cpu(monkeypatch, rng):
+  """transformer.serving_layout on CPU holds a bf16 embedding table as uint16 bits: the
+  same tokens and log-probabilities, bit for bit, as the table held as bf16, and no
+  program converts the whole table to float32 (XLA:CPU did so before a bf16 gather,
+  once per call)."""
+  config = dataclasses.replace(CONFIG, dtype="bfloat16", param_dtype="bfloat16")
+  mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  model = transformer.create(config, mesh, seed=5)
+  batch = requests(rng, logprobs=True)
+  held = Engine(model, mesh, decode_chunk=4)
+  assert held.state["embed"].get_value().dtype == jnp.uint16
+  results = held.generate(batch)
+  table_in_f32 = f"f32[{config.vocab_size},{config.dim}]"
+  programs = [program.as_text() for program in held._compiled.values()]
+  assert not any(table_in_f32 in text for text in programs)
+
+  with monkeypatch.context() as patch:  # the layout of TPU and GPU: the table as bf16
+    serving_layout = transformer.serving_layout
+    patch.setattr(transformer, "serving_layout",
+                  lambda state, platform: serving_layout(state, "tpu"))
+    plain = Engine(model, mesh, decode_chunk=4)
+    assert plain.state["embed"].get_value().dtype == jnp.bfloat16
+    expected = plain.generate(batch)
+    # the check above can tell: with the table as bf16, XLA:CPU converts it
+    assert any(table_in_f32 in program.as_text() for program in plain._compiled.values())
+  for request in batch:
+    assert results[request.line]["tokens"] == expected[request.line]["tokens"]
+    assert results[request.line]["logprobs"] == expected[request.line]["logprobs"]
 
 
 def test_sampling_is_reproducible_per_seed(engines, rng):
