@@ -458,8 +458,9 @@ def _blockwise(scores_of, q_shape, k, v, kv_pos, k_scale, v_scale, q_pos, block)
   relative to the row maxima), up to the last slot visible to any query (q_shape: the
   grouped queries' [B, K, G, L, D]; scores_of(k, kv_pos, k_scale): _masked_scores of a
   block). A chunk at the start of a long staging row reads only what it fills, and no
-  [L, C] score array is made. Measured on XLA:CPU, a 512-token chunk over 1,536 filled of 2,048 slots, one
-  layer: 9 ms against 43 ms in one pass (scores of 32 MiB through memory 5 times)."""
+  [L, C] score array is made. Measured on XLA:CPU, a 512-token chunk over 1,536 filled
+  of 2,048 slots, one layer: 9 ms against 43 ms in one pass (scores of 32 MiB through
+  memory 5 times)."""
   slots = k.shape[-1]
   slot_index = jnp.arange(slots, dtype=jnp.int32)
   # [B, C]: the slots that some query (not padding, at EMPTY) may see
