@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from parallel import quantized, ring
+from parallel.kernels import cpu_decode
 
 
 # Cache dtypes stored with one float32 scale per token and kv head.
@@ -36,15 +37,17 @@ def cache_dtype(config):
 def held_dtype(dtype, mesh, *, live_slices: bool):
   """The dtype a cache of `dtype` values is stored in on `mesh`: `dtype`, except bfloat16
   on CPU, which XLA:CPU widens to float32 and back to write one token into (the whole
-  array, every step). There, a cache whose reader attends to a live slice (SlotCache:
-  `live`) holds the bits (uint16; parallel/ring.BITS_OF), read back as bfloat16 only in
-  the slice; one read whole (KVCache) holds float32, since converting all of it per step
-  cost more than the halved reads saved (measured on bench/decode.py's 58M model, 2026-12-06,
-  32 rows x 384 slots: decode 6.3 s with bits against 5.3 s in float32; one row of 8,320
-  slots: 3.8 s against 7.7 s; the HTTP server at 8 req/s: 117.9 against 95.9 tokens/s)."""
+  array, every step). There the cache holds the bits (uint16; parallel/ring.BITS_OF)
+  when its reader takes them where they lie: the C++ decode kernel
+  (parallel/kernels/cpu_decode.py, read as it goes), or attention over a live slice
+  (SlotCache: `live`, read back as bfloat16 only in the slice). A cache read whole by
+  XLA (KVCache without the kernel) holds float32, since converting all of it per step
+  cost more than the halved reads saved (measured on bench/decode.py's 58M model,
+  2026-12-06, 32 rows x 384 slots: decode 6.3 s with bits against 5.3 s in float32)."""
   dtype = jnp.dtype(dtype)
   if dtype == jnp.bfloat16 and ring.platform_of(mesh) == "cpu":
-    return jnp.dtype(jnp.uint16 if live_slices else jnp.float32)
+    bits = live_slices or cpu_decode.available()
+    return jnp.dtype(jnp.uint16 if bits else jnp.float32)
   return dtype
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from parallel import quantized, sharding
-from parallel.kernels import masking, xla
+from parallel.kernels import cpu_decode, masking, xla
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
@@ -487,7 +487,7 @@ def _blockwise(scores_of, q_shape, k, v, kv_pos, k_scale, v_scale, q_pos, block)
 
 def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
                     axis="sequence", scale=None, live=0, live_rows=0, window=0, sinks=0,
-                    k_scale=None, v_scale=None, row_slots=None, row_buckets=()):
+                    k_scale=None, v_scale=None, row_slots=None, row_buckets=(), impl="auto"):
   """Attention of L new tokens per row over a sequence-sharded KV cache (a decode
   step: L = 1; a chunk of a prompt prefilled into a SlotCache: L > 1).
 
@@ -522,6 +522,10 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
       its longest row holds times the rows, and ragged rows what each row holds (8
       decode rows of 40-1536 tokens, one layer: 0.77 ms against 2.5 ms at a 2048-slot
       `live`, the same values).
+    impl: "auto" runs the attention of few queries (G * L <= 64 per kv head: decode
+      steps) on a CPU mesh in the C++ kernel parallel/kernels/cpu_decode.py when it
+      builds, which reads each row up to its last visible slot (so `live`, row_slots and
+      row_buckets only bound it) and uses both cores; anything else (or "xla"): XLA.
   Returns:
     [B, L, H, D] in q.dtype, sharded like q.
   """
@@ -544,6 +548,9 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
 
   is_quantized = k_scale is not None
   scale_spec = cache_spec(axis, 3, SCALE_SLOTS)
+  q_rows = q.shape[1] * q.shape[2] // k_cache.shape[1]  # G * L per kv head
+  use_kernel = (impl == "auto" and platform_of(mesh) == "cpu"
+                and cpu_decode.supports(q_rows, k_cache.dtype) and cpu_decode.available())
 
   def attend(q, k, v, kv_pos, q_pos, k_scale, v_scale):
     """The rows' attention over the slots given, merged over the ring: in one pass, or
@@ -569,11 +576,19 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
       weights = jnp.exp(scores - _finite(out_max)[..., None])
       denominator = jnp.sum(weights, axis=-1, keepdims=True)
       numerator = _weighted_values(weights, v, v_scale)
+    return merged(out_max, numerator, denominator, q.dtype)
+
+  def merged(out_max, numerator, denominator, dtype):
+    """[B, L, H, D] in `dtype`: the sums (row maxima [B, K, G, L], numerator [B, K, G, L,
+    D], denominator [B, K, G, L, 1], relative to the maxima) merged over the ring and
+    divided."""
     if ring_size > 1:  # the merge: both sums relative to the ring's maxima, one all-reduce
       factor = jnp.exp(out_max - _finite(lax.pmax(out_max, axis)))[..., None]
       numerator, denominator = lax.psum((numerator * factor, denominator * factor), axis)
     out = numerator / jnp.where(denominator == 0, 1.0, denominator)  # [B, K, G, L, D]
-    return jnp.moveaxis(out, 3, 1).reshape(batch, length, q_heads, head_dim).astype(q.dtype)
+    batch, kv_heads, groups, length, head_dim = out.shape
+    return jnp.moveaxis(out, 3, 1).reshape(batch, length, kv_heads * groups,
+                                           head_dim).astype(dtype)
 
   def first_slots(arrays, used):
     """(k, v, kv_pos, k_scale, v_scale) cut to their first `used` local slots."""
@@ -600,10 +615,28 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
                    q, arrays, q_pos)
         for b in range(q.shape[0])])
 
+  def in_kernel(q, k, v, kv_pos, q_pos, k_scale, v_scale, row_slots):
+    """cpu_decode's sums over the whole local arrays (a slice would be a copy), each row
+    bounded by its own limit, merged over the ring as `attend` merges them."""
+    rows, length, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = jnp.moveaxis(q.reshape(rows, length, kv_heads, q_heads // kv_heads, head_dim),
+                           1, 3)
+    limit = (row_slots if row_slots is not None
+             else jnp.full((rows,), live // ring_size if live else k.shape[-1], jnp.int32))
+    if live_rows:
+      limit = jnp.where(jnp.arange(rows) < live_rows, limit, 0)
+    out_max, numerator, denominator = cpu_decode.attend(
+        grouped, q_pos, k, v, kv_pos, k_scale, v_scale, limit, scale=scale, window=window,
+        sinks=sinks, empty=EMPTY)
+    return merged(out_max, numerator, denominator, q.dtype)
+
   def local(q, k, v, kv_pos, q_pos, *rest):
     rest = list(rest)
     k_scale, v_scale = (rest.pop(0), rest.pop(0)) if is_quantized else (None, None)
     row_slots = rest.pop(0) if rest else None
+    if use_kernel:
+      return in_kernel(q, k, v, kv_pos, q_pos, k_scale, v_scale, row_slots)
     rows = q.shape[0]
     arrays = [k, v, kv_pos, k_scale, v_scale]
     if row_slots is not None:  # the whole arrays into the branches: a slice is a copy

@@ -1,5 +1,7 @@
 """ring_attention on multi-device meshes against the float64 reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,9 +81,10 @@ def test_unknown_impl_is_a_clear_error(single_device_mesh, rng):
     ring_attention(q, k, v, positions=positions, mesh=single_device_mesh, impl="triton")
 
 
+@pytest.mark.parametrize("impl", ["auto", "xla"])  # auto: the C++ kernel (cpu_decode)
 @pytest.mark.parametrize("ring_size", [1, 8])
 @pytest.mark.parametrize("live_rows", [0, 1])
-def test_cache_attention_reads_only_the_live_slots(ring_size, live_rows, rng):
+def test_cache_attention_reads_only_the_live_slots(ring_size, live_rows, impl, rng):
   """ring.cache_attention over a slot cache laid out as ring.slot_write lays it (global
   slot g on device g % N, local index g // N) against float64 NumPy over the first
   `live` global slots; the slots beyond hold visible garbage that must not be read.
@@ -103,7 +106,7 @@ def test_cache_attention_reads_only_the_live_slots(ring_size, live_rows, rng):
   v, positions = v_global[:, :, order], positions_global[:, order]
   positions = np.where(order >= live, 0, positions)  # beyond live: visible garbage
   out = cache_attention(q, k, v, positions, q_positions, mesh=mesh, live=live,
-                        live_rows=live_rows)
+                        live_rows=live_rows, impl=impl)
 
   qg = q.astype(np.float64).reshape(batch, length, kv_heads, heads // kv_heads, dim)
   kg, vg = k_global[:, :, :live].astype(np.float64), v_global[:, :, :live].astype(np.float64)
@@ -117,12 +120,107 @@ def test_cache_attention_reads_only_the_live_slots(ring_size, live_rows, rng):
     expected[live_rows:] = 0
   assert _relative_error(out, expected) < 1e-5
   # without `live`, the garbage is read: the check above can tell the difference
-  assert _relative_error(cache_attention(q, k, v, positions, q_positions, mesh=mesh),
-                         expected) > 1e-2
+  assert _relative_error(cache_attention(q, k, v, positions, q_positions, mesh=mesh,
+                                         impl=impl), expected) > 1e-2
 
 
+@pytest.mark.parametrize("cache", ["float32", "bfloat16", "bfloat16-bits", "int8"])
+@pytest.mark.parametrize("groups,length,window", [(1, 1, 0), (3, 1, 0), (2, 3, 50)])
+def test_the_cpu_decode_kernel_matches_float64(cache, groups, length, window, rng):
+  """parallel/kernels/cpu_decode.attend alone, against float64 NumPy: head dim 64 and 300
+  slots, so both the register tiles (128 slots, 64 dims, 2 query rows) and the slots past
+  the last whole tile are used, with 1, 3 (a block of 2 and one of 1) and 6 query rows
+  per kv head, a padding query, rows cut by `limit` (one to nothing) and by their last
+  visible slot, and a window with sinks. Slots past a row's bound hold NaN: reading one
+  would spread it."""
+  from parallel import quantized
+  from parallel.kernels import cpu_decode
+  batch, kv_heads, dim, slots = 4, 2, 64, 300
+  limit = np.array([300, 257, 0, 131], np.int32)
+  q_pos = np.array([[299, 280, ring.EMPTY], [200, 256, 230], [10, 20, 30],
+                    [130, 129, 5]], np.int32)[:, :length]
+  if length == 1:
+    q_pos = np.array([[299], [256], [10], [99]], np.int32)
+  kv_pos = np.tile(np.arange(slots, dtype=np.int32), (batch, 1))
+  q = rng.standard_normal((batch, kv_heads, groups, length, dim)).astype(np.float32)
+  k = rng.standard_normal((batch, kv_heads, dim, slots)).astype(np.float32)
+  v = rng.standard_normal((batch, kv_heads, slots, dim)).astype(np.float32)
+  real = q_pos < ring.EMPTY
+  bound = [min(limit[b], q_pos[b][real[b]].max(initial=-1) + 1) for b in range(batch)]
+  for b in range(batch):  # past each row's bound: NaN
+    k[b, :, :, bound[b]:], v[b, :, bound[b]:] = np.nan, np.nan
+  scales = dict(k_scale=None, v_scale=None)
+  if cache == "int8":
+    k, k_scale = quantized.quantize(np.nan_to_num(k), 2)
+    v, v_scale = quantized.quantize(np.nan_to_num(v), 3)
+    nan_past = np.where(np.arange(slots)[None, None] >= np.array(bound)[:, None, None],
+                        np.nan, 1.0)
+    scales = dict(k_scale=k_scale * nan_past, v_scale=v_scale * nan_past)
+    k_float = np.asarray(k, np.float64) * np.asarray(scales["k_scale"])[:, :, None, :]
+    v_float = np.asarray(v, np.float64) * np.asarray(scales["v_scale"])[..., None]
+  elif cache.startswith("bfloat16"):
+    k, v = (jnp.asarray(x, jnp.bfloat16) for x in (k, v))
+    k_float, v_float = (np.asarray(x.astype(jnp.float32), np.float64) for x in (k, v))
+    if cache == "bfloat16-bits":
+      k, v = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k, v))
+  else:
+    k_float, v_float = k.astype(np.float64), v.astype(np.float64)
+  sinks = 4 if window else 0
+  row_max, numerator, denominator = jax.jit(functools.partial(
+      cpu_decode.attend, scale=0.125, window=window, sinks=sinks, empty=ring.EMPTY))(
+          q, q_pos, k, v, kv_pos, scales["k_scale"], scales["v_scale"], limit)
+  out = np.asarray(numerator) / np.where(np.asarray(denominator) == 0, 1, denominator)
+
+  for b in range(batch):
+    used = bound[b]
+    scores = np.einsum("kgld,kdc->kglc", q[b].astype(np.float64), k_float[b, :, :, :used])
+    scores *= 0.125
+    seen = kv_pos[b, None, :used] <= q_pos[b, :, None]
+    if window:
+      seen &= (kv_pos[b, None, :used] > q_pos[b, :, None] - window) | (kv_pos[b, :used] < sinks)
+    scores = np.where(seen, scores, -np.inf)
+    expected_max = scores.max(-1, initial=-np.inf)
+    assert np.array_equal(np.isinf(np.asarray(row_max[b])), np.isinf(expected_max))
+    if not used:
+      assert not np.asarray(numerator[b]).any() and not np.asarray(denominator[b]).any()
+      continue
+    weights = np.exp(scores - expected_max[..., None])
+    expected = np.einsum("kglc,kcd->kgld", weights, v_float[b, :, :used])
+    expected /= weights.sum(-1)[..., None]
+    for l in np.nonzero(real[b])[0]:  # the padding query's output is not used
+      assert _relative_error(out[b, :, :, l], expected[:, :, l]) < 1e-5, (b, l)
+  assert np.isfinite(out).all()
+
+
+def test_decode_attention_on_cpu_is_the_kernel_and_a_long_chunk_is_not(single_device_mesh):
+  """impl="auto" on a CPU mesh: a decode step (and a short chunk) calls the C++ kernel
+  (parallel/kernels/cpu_decode.py) and no batched dot; impl="xla" and a chunk of more
+  than 64 query rows per kv head stay on XLA's dots. (The values of both paths are
+  checked against float64 by the tests around this one.)"""
+  from parallel.kernels import cpu_decode
+  from parallel.ring import cache_attention
+  assert cpu_decode.available(), "g++ is on this machine and CI: the kernel must build"
+  batch, heads, kv_heads, dim, capacity = 2, 4, 2, 8, 64
+  k = jnp.zeros((batch, kv_heads, dim, capacity), jnp.uint16)
+  v = jnp.zeros((batch, kv_heads, capacity, dim), jnp.uint16)
+  positions = jnp.zeros((batch, capacity), jnp.int32)
+
+  def program(length, impl):
+    q = jnp.zeros((batch, length, heads, dim), jnp.float32)
+    q_positions = jnp.zeros((batch, length), jnp.int32)
+    return jax.jit(lambda *a: cache_attention(*a, mesh=single_device_mesh, impl=impl)).lower(
+        q, k, v, positions, q_positions).as_text()
+
+  kernel = f"custom_call @{cpu_decode.TARGET}"
+  for length in (1, 32):  # G * L = 2, 64 rows per kv head
+    assert kernel in program(length, "auto") and "dot_general" not in program(length, "auto")
+    assert kernel not in program(length, "xla") and "dot_general" in program(length, "xla")
+  assert kernel not in program(33, "auto") and "dot_general" in program(33, "auto")
+
+
+@pytest.mark.parametrize("impl", ["auto", "xla"])
 @pytest.mark.parametrize("cache", ["float32", "bfloat16-bits", "int8", "window"])
-def test_ragged_rows_read_only_their_own_bucket(cache, single_device_mesh, rng):
+def test_ragged_rows_read_only_their_own_bucket(cache, impl, single_device_mesh, rng):
   """ring.cache_attention with row_slots: each row attends over the first slots of the
   smallest bucket holding its row_slots (0: zeros), against float64 NumPy over exactly
   those slots; every slot beyond a row's bucket holds visible garbage that must not be
@@ -158,7 +256,7 @@ def test_ragged_rows_read_only_their_own_bucket(cache, single_device_mesh, rng):
     k_float, v_float = k.astype(np.float64), v.astype(np.float64)
   attend = lambda **ragged: cache_attention(q, k, v, positions, q_positions,
                                             mesh=single_device_mesh, **scales, **window,
-                                            **ragged)
+                                            impl=impl, **ragged)
   out = jax.jit(lambda slots: attend(row_slots=slots, row_buckets=buckets))(row_slots)
 
   expected = np.zeros((batch, 1, heads, dim))
@@ -181,9 +279,11 @@ def test_ragged_rows_read_only_their_own_bucket(cache, single_device_mesh, rng):
   assert _relative_error(attend(), expected) > 0.1
 
 
+@pytest.mark.parametrize("impl", ["auto", "xla"])  # auto: 5 queries go to cpu_decode
 @pytest.mark.parametrize("ring_size", [1, 8])
 @pytest.mark.parametrize("cache", ["float32", "bfloat16-bits", "int8", "window"])
-def test_a_chunk_attends_block_by_block_up_to_its_last_filled_slot(cache, ring_size, rng):
+def test_a_chunk_attends_block_by_block_up_to_its_last_filled_slot(cache, ring_size, impl,
+                                                                    rng):
   """A prompt chunk (L > 1 queries) over more than a block of slots per device takes
   ring._blockwise: against float64 NumPy over the filled slots, with slots laid out as
   ring.slot_write lays them and a padding query (position EMPTY). The values of every
@@ -223,7 +323,7 @@ def test_a_chunk_attends_block_by_block_up_to_its_last_filled_slot(cache, ring_s
     k, v = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k, v))  # BITS_OF
   else:
     k_float, v_float = k.transpose(0, 1, 3, 2).astype(np.float64), v.astype(np.float64)
-  out = jax.jit(lambda *a: cache_attention(*a, mesh=mesh, **scales, **window))(
+  out = jax.jit(lambda *a: cache_attention(*a, mesh=mesh, **scales, **window, impl=impl))(
       q, k, v, positions, q_positions)
 
   real = [0, 1, 2, 4]  # the padding query's output is not compared (nor used)
