@@ -1,19 +1,29 @@
 """Test setup: 8 virtual CPU devices, created before JAX starts its backend."""
 
+import atexit
 import os
+import shutil
+import tempfile
 import zlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+
+
+def _directory_of_this_run(variable: str, prefix: str) -> None:
+  """$variable set to a new temporary directory, removed at exit (unless already set)."""
+  if variable not in os.environ:
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
+
+
 # The serve.py processes tests start share one compilation cache, in a directory of this
 # run's (not the user's ~/.cache/ringlm/jax): a later server with the same shapes starts
 # from it, and nothing outlives the run.
-if "RINGLM_COMPILATION_CACHE" not in os.environ:
-  import atexit
-  import shutil
-  import tempfile
-  os.environ["RINGLM_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ringlm-test-jax-cache-")
-  atexit.register(shutil.rmtree, os.environ["RINGLM_COMPILATION_CACHE"], ignore_errors=True)
+_directory_of_this_run("RINGLM_COMPILATION_CACHE", "ringlm-test-jax-cache-")
+# Likewise the CPU decode kernel (parallel/kernels/cpu_decode.py): built from its source
+# once per run, as on a new machine, so that the run checks the build too (~4 s).
+_directory_of_this_run("RINGLM_KERNEL_CACHE", "ringlm-test-kernels-")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import numpy as np  # noqa: E402
