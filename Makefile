@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist; a test file stays in one process, so its module fixtures,
+# servers among them, start once). XLA compiles on one thread, so two processes keep two
+# cores busy; each needs a few GB.
+TEST_WORKERS ?= 2
 
 # The CUDA plugin without CUDA's libraries (~480 MB), apart from the environment: with it
 # on the path, every `import jax` on a host without CUDA prints cudart-stub lines, so
@@ -16,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,tpu,serve]'
-	$(PY) -c 'import jax, flax, torch, transformers, fastapi, uvicorn, openai'  # fail here if the install did not
+	$(PY) -c 'import jax, flax, torch, transformers, fastapi, uvicorn, openai, xdist'  # fail here if the install did not
 	touch $(STAMP)
 
 $(GPU_AOT_STAMP): $(STAMP)
@@ -48,7 +52,7 @@ quality: $(STAMP)
 
 # pytest exits 5 when it collected no tests: that is a failure here, said plainly.
 test: $(STAMP) $(GPU_AOT_STAMP)
-	$(PY) -m pytest -q --durations=25 || { status=$$?; [ $$status -ne 5 ] || echo "pytest collected no tests" >&2; exit $$status; }
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 || { status=$$?; [ $$status -ne 5 ] || echo "pytest collected no tests" >&2; exit $$status; }
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
