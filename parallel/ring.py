@@ -443,6 +443,12 @@ def _weighted_values(weights, v, v_scale):
                     preferred_element_type=jnp.float32)
 
 
+def _grouped(q, kv_heads: int):
+  """Queries [B, L, H, D] as [B, K, G, L, D]: the G query heads of each kv head together."""
+  batch, length, q_heads, head_dim = q.shape
+  return jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim), 1, 3)
+
+
 def _chunk_block(length: int, slots: int) -> int:
   """Slots per block of the blockwise attention of `length` queries over `slots` slots
   (the largest of CHUNK_BLOCKS dividing them), or 0 for one pass: decode steps (one
@@ -556,17 +562,13 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
     """The rows' attention over the slots given, merged over the ring: in one pass, or
     for a chunk of L > 1 queries over more than a block of slots, block by block
     (`_blockwise`)."""
-    batch, length, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    # [B, L, H, D] -> [B, K, G, L, D]
-    grouped = jnp.moveaxis(q.reshape(batch, length, kv_heads, q_heads // kv_heads, head_dim),
-                           1, 3)
+    grouped = _grouped(q, k.shape[1])
     q_scale = None
     if is_quantized and k.dtype == jnp.int8:
       grouped, q_scale = quantized.quantize(grouped, 4)  # [B, K, G, L]
     scores_of = functools.partial(_masked_scores, grouped, q_scale, q_pos, scale=scale,
                                   window=window, sinks=sinks)
-    slot_block = _chunk_block(length, k.shape[-1])
+    slot_block = _chunk_block(q.shape[1], k.shape[-1])
     if slot_block:
       out_max, numerator, denominator = _blockwise(scores_of, grouped.shape, k, v, kv_pos,
                                                    k_scale, v_scale, q_pos, slot_block)
@@ -618,16 +620,13 @@ def cache_attention(q, k_cache, v_cache, cache_positions, q_positions, *, mesh,
   def in_kernel(q, k, v, kv_pos, q_pos, k_scale, v_scale, row_slots):
     """cpu_decode's sums over the whole local arrays (a slice would be a copy), each row
     bounded by its own limit, merged over the ring as `attend` merges them."""
-    rows, length, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    grouped = jnp.moveaxis(q.reshape(rows, length, kv_heads, q_heads // kv_heads, head_dim),
-                           1, 3)
+    rows = q.shape[0]
     limit = (row_slots if row_slots is not None
              else jnp.full((rows,), live // ring_size if live else k.shape[-1], jnp.int32))
     if live_rows:
       limit = jnp.where(jnp.arange(rows) < live_rows, limit, 0)
     out_max, numerator, denominator = cpu_decode.attend(
-        grouped, q_pos, k, v, kv_pos, k_scale, v_scale, limit, scale=scale, window=window,
+        _grouped(q, k.shape[1]), q_pos, k, v, kv_pos, k_scale, v_scale, limit, scale=scale, window=window,
         sinks=sinks, empty=EMPTY)
     return merged(out_max, numerator, denominator, q.dtype)
 

@@ -30,6 +30,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -37,8 +38,6 @@
 namespace ffi = xla::ffi;
 
 namespace {
-
-constexpr int kMaxRows = 64;  // R = G * L rows per (row, kv head): decode steps and small L
 
 // The stored value as float32, for each cache dtype.
 inline float Widen(float x) { return x; }
@@ -100,7 +99,7 @@ constexpr int64_t kRowBlock = 2;    // query rows sharing one widened tile
 // scores[r, 0:kSlotTile] = sum_d q[r, d] keys[d, 0:kSlotTile] for NR rows (strides: q
 // rows D apart, key rows C apart, score rows `used` apart), the sums in registers.
 template <int NR, typename T>
-void ScoreTileOf(const float* q, int64_t D, const T* keys, int64_t C, float* scores,
+void ScoreTile(const float* q, int64_t D, const T* keys, int64_t C, float* scores,
                  int64_t used) {
   float acc[NR][kSlotTile] = {};
   for (int64_t d = 0; d < D; ++d) {
@@ -114,18 +113,10 @@ void ScoreTileOf(const float* q, int64_t D, const T* keys, int64_t C, float* sco
   for (int r = 0; r < NR; ++r) std::memcpy(scores + r * used, acc[r], sizeof(acc[r]));
 }
 
-template <typename T>
-void ScoreTile(int64_t rows, const float* q, int64_t D, const T* keys, int64_t C,
-               float* scores, int64_t used) {
-  static_assert(kRowBlock == 2);
-  if (rows == 1) return ScoreTileOf<1>(q, D, keys, C, scores, used);
-  return ScoreTileOf<2>(q, D, keys, C, scores, used);
-}
-
 // out[r, 0:kDimTile] += sum_c weights[r, c] values[c, 0:kDimTile] for NR rows (strides:
 // weight rows `used` apart, value rows D apart, out rows D apart), the sums in registers.
 template <int NR, typename T>
-void ValueTileOf(const float* weights, int64_t used, const T* values, int64_t D, float* out,
+void ValueTile(const float* weights, int64_t used, const T* values, int64_t D, float* out,
                  int64_t out_stride) {
   float acc[NR][kDimTile] = {};
   for (int64_t c = 0; c < used; ++c) {
@@ -141,11 +132,12 @@ void ValueTileOf(const float* weights, int64_t used, const T* values, int64_t D,
   }
 }
 
-template <typename T>
-void ValueTile(int64_t rows, const float* weights, int64_t used, const T* values, int64_t D,
-               float* out, int64_t out_stride) {
-  if (rows == 1) return ValueTileOf<1>(weights, used, values, D, out, out_stride);
-  return ValueTileOf<2>(weights, used, values, D, out, out_stride);
+// f(std::integral_constant<int, NR>) for the NR = `rows` (1 or kRowBlock) of a row block.
+template <typename F>
+void WithRowBlock(int64_t rows, F&& f) {
+  static_assert(kRowBlock == 2);
+  if (rows == 1) return f(std::integral_constant<int, 1>{});
+  return f(std::integral_constant<int, 2>{});
 }
 
 // One (row b, kv head k) pair. scores: scratch of q_rows * slots floats.
@@ -182,8 +174,9 @@ void AttendPair(const Problem& p, int64_t pair, float* scores, float* widened) {
   const int64_t tiled = used - used % kSlotTile;
   for (int64_t c0 = 0; c0 < tiled; c0 += kSlotTile) {
     for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
-      ScoreTile(std::min<int64_t>(kRowBlock, R - r0), q + r0 * D, D, keys + c0, C,
-                scores + r0 * used + c0, used);
+      WithRowBlock(std::min<int64_t>(kRowBlock, R - r0), [&](auto rows) {
+        ScoreTile<rows()>(q + r0 * D, D, keys + c0, C, scores + r0 * used + c0, used);
+      });
     }
   }
   if (tiled < used) {
@@ -248,8 +241,10 @@ void AttendPair(const Problem& p, int64_t pair, float* scores, float* widened) {
   if (D % kDimTile == 0) {
     for (int64_t d0 = 0; d0 < D; d0 += kDimTile) {
       for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
-        ValueTile(std::min<int64_t>(kRowBlock, R - r0), scores + r0 * used, used,
-                  values + d0, D, numerator + r0 * D + d0, D);
+        WithRowBlock(std::min<int64_t>(kRowBlock, R - r0), [&](auto rows) {
+          ValueTile<rows()>(scores + r0 * used, used, values + d0, D,
+                              numerator + r0 * D + d0, D);
+        });
       }
     }
     return;
@@ -324,9 +319,6 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
        dtype != ffi::DataType::U16 && dtype != ffi::DataType::S8)) {
     return ffi::Error::InvalidArgument(
         "cpu_decode: keys and values must share one of float32, bfloat16, uint16, int8");
-  }
-  if (q_dims[2] > kMaxRows) {
-    return ffi::Error::InvalidArgument("cpu_decode: more than 64 query rows per kv head");
   }
   if (dtype == ffi::DataType::S8 && !scaled) {
     return ffi::Error::InvalidArgument("cpu_decode: an int8 cache needs its scales");

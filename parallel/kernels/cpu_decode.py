@@ -37,7 +37,9 @@ SOURCE = pathlib.Path(__file__).with_name("cpu_decode.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
          "-fopenmp-simd")
 DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.uint16, jnp.int8))
-MAX_QUERY_ROWS = 64  # G * L per kv head (kMaxRows in the source)
+# G * L query rows per kv head sent to the kernel; more (a long prompt chunk) is a real
+# matmul, which ring._blockwise leaves to XLA's dot
+MAX_QUERY_ROWS = 64
 
 _log = logging.getLogger(__name__)
 
